@@ -1,0 +1,473 @@
+//! Pure frame decoders: bytes in, frames out. No I/O, no `mio`, no allocation.
+//!
+//! Invariant: a decoder never panics on any input and checks every length field
+//! against its configured maximum *before* it waits for the body, so a hostile
+//! peer can never make a connection buffer more than `header + max` bytes.
+//! Frames borrow from the caller's buffer; the caller consumes what was decoded.
+#![deny(clippy::indexing_slicing)]
+
+mod length;
+mod line;
+
+pub use length::{LengthDecoder, LengthWidth};
+pub use line::LineDecoder;
+
+use std::fmt;
+
+use bytes::BufMut;
+
+/// One decoded frame, borrowed from the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// The frame exactly as it arrived on the wire: length prefix or line
+    /// terminator included.
+    pub raw: &'a [u8],
+    /// The frame's content: without the length prefix, without `\n` / `\r\n`.
+    pub payload: &'a [u8],
+}
+
+/// The outcome of one `decode` call that did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A whole frame, and how many bytes of the input it used (`raw.len()`).
+    /// The caller must consume exactly that many bytes before the next call.
+    Frame(Frame<'a>, usize),
+    /// The input holds no complete frame yet; call again with more bytes.
+    NeedMore,
+}
+
+/// Why a byte stream cannot be decoded. The connection cannot recover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// A frame is (or announces itself as) longer than the configured maximum.
+    TooLong {
+        /// The length seen so far or announced by the header, in bytes.
+        len: usize,
+        /// The configured maximum, in bytes.
+        max: usize,
+    },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::TooLong { len, max } => {
+                write!(
+                    f,
+                    "frame of at least {len} bytes exceeds the maximum of {max}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Why a payload cannot be encoded. Nothing has been written to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The payload is longer than the framing's maximum (or its header can express).
+    TooLong {
+        /// The payload length, or for lines the encoded length, in bytes.
+        len: usize,
+        /// The largest accepted length, in bytes.
+        max: usize,
+    },
+    /// The destination has less room (`BufMut::remaining_mut`) than the frame needs.
+    NoSpace {
+        /// Bytes the encoded frame occupies.
+        needed: usize,
+        /// Bytes `dst` can still take.
+        remaining: usize,
+    },
+    /// A line payload contains `\n` or ends in `\r`, so it would not decode to itself.
+    Delimiter,
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EncodeError::TooLong { len, max } => {
+                write!(f, "payload of {len} bytes exceeds the maximum of {max}")
+            }
+            EncodeError::NoSpace { needed, remaining } => {
+                write!(
+                    f,
+                    "frame needs {needed} bytes but the buffer has room for {remaining}"
+                )
+            }
+            EncodeError::Delimiter => f.write_str("line payload contains a line terminator"),
+        }
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+/// How a connection's byte stream is cut into frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Whatever bytes are available form one frame (no framing at all).
+    Raw,
+    /// Lines ending in `\n` (a preceding `\r` is stripped from the payload);
+    /// `max` bounds the whole line including its terminator.
+    Line {
+        /// Longest accepted line in bytes, terminator included.
+        max: usize,
+    },
+    /// A big-endian `u16` payload length, then the payload; `max` bounds the payload.
+    U16 {
+        /// Longest accepted payload in bytes.
+        max: usize,
+    },
+    /// A big-endian `u32` payload length, then the payload; `max` bounds the payload.
+    U32 {
+        /// Longest accepted payload in bytes.
+        max: usize,
+    },
+}
+
+impl Framing {
+    /// The largest number of bytes a single frame of this framing can occupy on
+    /// the wire (header included); `None` for `Raw`, which has no frame bound.
+    pub fn max_encoded_len(&self) -> Option<usize> {
+        match *self {
+            Framing::Raw => None,
+            Framing::Line { max } => Some(max),
+            Framing::U16 { max } => max.checked_add(2),
+            Framing::U32 { max } => max.checked_add(4),
+        }
+    }
+
+    /// Bytes a payload of `payload_len` bytes occupies once encoded; `None` if
+    /// that overflows `usize`. Does not check the maximum (see [`Framing::encode`]).
+    pub fn encoded_len(&self, payload_len: usize) -> Option<usize> {
+        match *self {
+            Framing::Raw => Some(payload_len),
+            Framing::Line { .. } => LineDecoder::encoded_len(payload_len),
+            Framing::U16 { .. } => LengthWidth::U16.encoded_len(payload_len),
+            Framing::U32 { .. } => LengthWidth::U32.encoded_len(payload_len),
+        }
+    }
+
+    /// Append `payload` to `dst` as one frame that a [`Decoder`] for this framing
+    /// decodes back to `payload`. `Raw` appends the payload unchanged.
+    ///
+    /// # Errors
+    /// See [`LineDecoder::encode`] and [`LengthDecoder::encode`]; `Raw` fails only
+    /// with [`EncodeError::NoSpace`]. On error nothing is written.
+    pub fn encode(&self, payload: &[u8], dst: &mut impl BufMut) -> Result<(), EncodeError> {
+        match *self {
+            Framing::Raw => {
+                check_space(payload.len(), dst)?;
+                dst.put_slice(payload);
+                Ok(())
+            }
+            Framing::Line { max } => LineDecoder::new(max).encode(payload, dst),
+            Framing::U16 { max } => LengthDecoder::new(LengthWidth::U16, max).encode(payload, dst),
+            Framing::U32 { max } => LengthDecoder::new(LengthWidth::U32, max).encode(payload, dst),
+        }
+    }
+}
+
+/// `BufMut::put_slice` panics when `dst` is short (fixed slices do not grow), so
+/// every encoder checks the room first.
+fn check_space(needed: usize, dst: &impl BufMut) -> Result<(), EncodeError> {
+    let remaining = dst.remaining_mut();
+    if remaining < needed {
+        return Err(EncodeError::NoSpace { needed, remaining });
+    }
+    Ok(())
+}
+
+/// A decoder for any [`Framing`], with the state needed to resume on partial input.
+#[derive(Debug, Clone)]
+pub enum Decoder {
+    /// See [`Framing::Raw`].
+    Raw,
+    /// See [`Framing::Line`].
+    Line(LineDecoder),
+    /// See [`Framing::U16`] and [`Framing::U32`].
+    Length(LengthDecoder),
+}
+
+// ===== impl Decoder =====
+
+impl Decoder {
+    /// A fresh decoder for `framing`.
+    pub fn new(framing: Framing) -> Decoder {
+        match framing {
+            Framing::Raw => Decoder::Raw,
+            Framing::Line { max } => Decoder::Line(LineDecoder::new(max)),
+            Framing::U16 { max } => Decoder::Length(LengthDecoder::new(LengthWidth::U16, max)),
+            Framing::U32 { max } => Decoder::Length(LengthDecoder::new(LengthWidth::U32, max)),
+        }
+    }
+
+    /// Decode the next frame from `src`, the connection's unconsumed bytes.
+    ///
+    /// Contract: between calls the caller either consumes exactly the bytes a
+    /// returned frame used, or (after `NeedMore`) calls again with the same
+    /// bytes followed by new ones. Partial input is never rescanned.
+    ///
+    /// # Errors
+    /// [`FrameError::TooLong`] when a frame exceeds the configured maximum.
+    pub fn decode<'a>(&mut self, src: &'a [u8]) -> Result<Decoded<'a>, FrameError> {
+        match self {
+            Decoder::Raw => Ok(if src.is_empty() {
+                Decoded::NeedMore
+            } else {
+                Decoded::Frame(
+                    Frame {
+                        raw: src,
+                        payload: src,
+                    },
+                    src.len(),
+                )
+            }),
+            Decoder::Line(d) => d.decode(src),
+            Decoder::Length(d) => d.decode(src),
+        }
+    }
+
+    /// Forget any partial-frame state (for example after a framing change).
+    pub fn reset(&mut self) {
+        match self {
+            Decoder::Raw => {}
+            Decoder::Line(d) => d.reset(),
+            Decoder::Length(d) => d.reset(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a panic is a failed test, and fixtures are indexed directly"
+)]
+mod tests {
+    //! Shared harness: a connection's receive path without the socket, used by
+    //! every decoder's tests to feed input split at every byte and byte by byte.
+
+    use super::*;
+
+    /// Everything a byte stream decoded to, owned so that runs can be compared.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    pub(super) struct Outcome {
+        /// `(raw, payload)` of each frame, in order.
+        pub(super) frames: Vec<(Vec<u8>, Vec<u8>)>,
+        /// The error that ended decoding, if any.
+        pub(super) error: Option<FrameError>,
+        /// Bytes received but not consumed by a frame.
+        pub(super) rest: usize,
+    }
+
+    /// A connection's receive buffer: chunks are appended, decoded, consumed.
+    pub(super) struct Stream {
+        decoder: Decoder,
+        buf: Vec<u8>,
+        outcome: Outcome,
+    }
+
+    impl Stream {
+        pub(super) fn new(framing: Framing) -> Stream {
+            Stream {
+                decoder: Decoder::new(framing),
+                buf: Vec::new(),
+                outcome: Outcome::default(),
+            }
+        }
+
+        /// Append `chunk` and decode until `NeedMore`. After an error the
+        /// connection is dead: bytes are still counted but no longer decoded.
+        pub(super) fn feed(&mut self, chunk: &[u8]) {
+            self.buf.extend_from_slice(chunk);
+            while self.outcome.error.is_none() {
+                match self.decoder.decode(&self.buf) {
+                    Ok(Decoded::Frame(frame, consumed)) => {
+                        assert_eq!(consumed, frame.raw.len());
+                        assert!(consumed > 0, "a frame must consume bytes");
+                        assert!(std::ptr::eq(frame.raw.as_ptr(), self.buf.as_ptr()));
+                        let within = frame.payload.as_ptr_range();
+                        let raw = frame.raw.as_ptr_range();
+                        assert!(raw.start <= within.start && within.end <= raw.end);
+                        self.outcome
+                            .frames
+                            .push((frame.raw.to_vec(), frame.payload.to_vec()));
+                        self.buf.drain(..consumed);
+                    }
+                    Ok(Decoded::NeedMore) => break,
+                    Err(e) => self.outcome.error = Some(e),
+                }
+            }
+        }
+
+        pub(super) fn buffered(&self) -> usize {
+            self.buf.len()
+        }
+
+        pub(super) fn frames(&self) -> &[(Vec<u8>, Vec<u8>)] {
+            &self.outcome.frames
+        }
+
+        pub(super) fn error(&self) -> Option<FrameError> {
+            self.outcome.error
+        }
+
+        pub(super) fn finish(mut self) -> Outcome {
+            self.outcome.rest = self.buf.len();
+            self.outcome
+        }
+    }
+
+    /// Decode `input` delivered in one piece.
+    pub(super) fn decode_whole(framing: Framing, input: &[u8]) -> Outcome {
+        let mut stream = Stream::new(framing);
+        stream.feed(input);
+        stream.finish()
+    }
+
+    /// Feed `input` split in two at every byte position. After the first part
+    /// exactly the frames that fit in it have been decoded (otherwise
+    /// `NeedMore`); after both, the result equals one-shot decoding.
+    pub(super) fn check_every_split(framing: Framing, input: &[u8]) {
+        let whole = decode_whole(framing, input);
+        for at in 0..=input.len() {
+            let (head, tail) = input.split_at(at);
+            let mut stream = Stream::new(framing);
+            stream.feed(head);
+            let mut end = 0;
+            let fit = whole
+                .frames
+                .iter()
+                .take_while(|(raw, _)| {
+                    end += raw.len();
+                    end <= at
+                })
+                .count();
+            assert_eq!(stream.frames(), &whole.frames[..fit], "split at {at}");
+            if let Some(e) = stream.error() {
+                assert_eq!(Some(e), whole.error, "split at {at}");
+                assert_eq!(fit, whole.frames.len(), "split at {at}");
+            }
+            stream.feed(tail);
+            assert_eq!(stream.finish(), whole, "split at {at}");
+        }
+    }
+
+    /// Feed `input` one byte at a time; the buffer never holds more than one
+    /// maximal frame, and the result equals one-shot decoding.
+    pub(super) fn check_byte_at_a_time(framing: Framing, input: &[u8]) {
+        let bound = framing.max_encoded_len().unwrap();
+        let mut stream = Stream::new(framing);
+        for byte in input {
+            stream.feed(std::slice::from_ref(byte));
+            if stream.error().is_none() {
+                assert!(
+                    stream.buffered() <= bound,
+                    "{} > {bound}",
+                    stream.buffered()
+                );
+            }
+        }
+        assert_eq!(stream.finish(), decode_whole(framing, input));
+    }
+
+    /// Cut `input` into pieces whose sizes cycle through `sizes` (all non-zero).
+    pub(super) fn chunk_iter<'a>(
+        input: &'a [u8],
+        sizes: &'a [usize],
+    ) -> impl Iterator<Item = &'a [u8]> {
+        let mut rest = input;
+        sizes.iter().cycle().map_while(move |&n| {
+            if rest.is_empty() {
+                return None;
+            }
+            let (chunk, tail) = rest.split_at(n.clamp(1, rest.len()));
+            rest = tail;
+            Some(chunk)
+        })
+    }
+
+    #[test]
+    fn raw_takes_everything() {
+        let mut d = Decoder::new(Framing::Raw);
+        assert_eq!(d.decode(b""), Ok(Decoded::NeedMore));
+        let Ok(Decoded::Frame(frame, 3)) = d.decode(b"a\nb") else {
+            panic!("expected a frame");
+        };
+        assert_eq!((frame.raw, frame.payload), (&b"a\nb"[..], &b"a\nb"[..]));
+        d.reset();
+    }
+
+    #[test]
+    fn max_encoded_len_includes_header() {
+        assert_eq!(Framing::Raw.max_encoded_len(), None);
+        assert_eq!(Framing::Line { max: 10 }.max_encoded_len(), Some(10));
+        assert_eq!(Framing::U16 { max: 10 }.max_encoded_len(), Some(12));
+        assert_eq!(Framing::U32 { max: 10 }.max_encoded_len(), Some(14));
+        assert_eq!(Framing::U32 { max: usize::MAX }.max_encoded_len(), None);
+    }
+
+    #[test]
+    fn framing_encode_round_trips() {
+        for framing in [
+            Framing::Raw,
+            Framing::Line { max: 64 },
+            Framing::U16 { max: 64 },
+            Framing::U32 { max: 64 },
+        ] {
+            let mut wire = Vec::new();
+            framing.encode(b"hello", &mut wire).unwrap();
+            assert_eq!(Some(wire.len()), framing.encoded_len(5), "{framing:?}");
+            let out = decode_whole(framing, &wire);
+            assert_eq!(
+                out.frames,
+                [(wire.clone(), b"hello".to_vec())],
+                "{framing:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn framing_encode_checks_room() {
+        let mut fixed = [0u8; 4];
+        assert_eq!(
+            Framing::Raw.encode(b"hello", &mut &mut fixed[..]),
+            Err(EncodeError::NoSpace {
+                needed: 5,
+                remaining: 4
+            })
+        );
+        assert_eq!(
+            Framing::U16 { max: 64 }.encode(b"abc", &mut &mut fixed[..]),
+            Err(EncodeError::NoSpace {
+                needed: 5,
+                remaining: 4
+            })
+        );
+        assert_eq!(fixed, [0; 4]);
+    }
+
+    #[test]
+    fn errors_display() {
+        let e = FrameError::TooLong { len: 9, max: 8 };
+        assert_eq!(
+            e.to_string(),
+            "frame of at least 9 bytes exceeds the maximum of 8"
+        );
+        let e = EncodeError::NoSpace {
+            needed: 5,
+            remaining: 4,
+        };
+        assert_eq!(
+            e.to_string(),
+            "frame needs 5 bytes but the buffer has room for 4"
+        );
+        let e = EncodeError::TooLong { len: 9, max: 8 };
+        assert_eq!(e.to_string(), "payload of 9 bytes exceeds the maximum of 8");
+        let e = EncodeError::Delimiter;
+        assert_eq!(e.to_string(), "line payload contains a line terminator");
+    }
+}

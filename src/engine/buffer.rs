@@ -1,0 +1,351 @@
+//! Read buffers lent on demand, and bounded per-connection send queues.
+//!
+//! Allocation policy: a [`Buffer`] is a fixed, zero-initialised block taken from
+//! the [`BufferPool`] only while a connection has unconsumed input or copied
+//! output, and given back when drained, so an idle connection holds none. The
+//! pool keeps at most `max_free` blocks for reuse; in steady state nothing is
+//! allocated. A [`SendQueue`] never holds more than its byte limit.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes};
+
+/// How many buffers one vectored write gathers at most.
+pub(crate) const MAX_IOV: usize = 64;
+/// A drained queue keeps its chunk table up to this many entries; a larger one
+/// is freed so that a connection that once had a burst does not keep the memory.
+const KEEP_CHUNKS: usize = 32;
+
+/// A fixed-size byte block with a readable window `start..end`.
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+// ===== impl Buffer =====
+
+impl Buffer {
+    fn new(len: usize) -> Buffer {
+        Buffer {
+            data: vec![0; len].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The unconsumed bytes.
+    pub(crate) fn data(&self) -> &[u8] {
+        self.data.get(self.start..self.end).unwrap_or_default()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Free space after the data, moving the data to the front first when the
+    /// tail is full (so partial frames never need more than one block).
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() && self.start > 0 {
+            self.shift();
+        }
+        self.data.get_mut(self.end..).unwrap_or_default()
+    }
+
+    fn shift(&mut self) {
+        self.data.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// Mark `n` bytes of [`Buffer::space`] as filled.
+    pub(crate) fn fill(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.data.len());
+    }
+
+    /// Drop `n` bytes from the front.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Append as much of `src` as fits; returns how much was copied.
+    fn append(&mut self, src: &[u8]) -> usize {
+        let space = self.space();
+        let n = space.len().min(src.len());
+        if let (Some(dst), Some(src)) = (space.get_mut(..n), src.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.fill(n);
+        n
+    }
+}
+
+/// A bounded free list of equally sized [`Buffer`]s.
+#[derive(Debug)]
+pub(crate) struct BufferPool {
+    free: Vec<Buffer>,
+    buf_len: usize,
+    max_free: usize,
+    /// Buffers currently lent out (for the stats).
+    pub(crate) lent: usize,
+}
+
+// ===== impl BufferPool =====
+
+impl BufferPool {
+    pub(crate) fn new(buf_len: usize, max_free: usize) -> BufferPool {
+        BufferPool {
+            free: Vec::with_capacity(max_free),
+            buf_len,
+            max_free,
+            lent: 0,
+        }
+    }
+
+    pub(crate) fn buf_len(&self) -> usize {
+        self.buf_len
+    }
+
+    pub(crate) fn take(&mut self) -> Buffer {
+        self.lent += 1;
+        self.free.pop().unwrap_or_else(|| Buffer::new(self.buf_len))
+    }
+
+    pub(crate) fn give_back(&mut self, mut buf: Buffer) {
+        self.lent = self.lent.saturating_sub(1);
+        if self.free.len() < self.max_free && buf.data.len() == self.buf_len {
+            buf.start = 0;
+            buf.end = 0;
+            self.free.push(buf);
+        }
+    }
+}
+
+/// One queued piece of output.
+#[derive(Debug)]
+enum Chunk {
+    /// A refcounted buffer, possibly shared with other connections' queues.
+    Shared(Bytes),
+    /// The next `n` bytes of the queue's copy buffer.
+    Copied(usize),
+}
+
+/// The send queue was full; nothing was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueFull;
+
+/// A connection's outgoing bytes: shared `Bytes` and copies, in order, bounded.
+#[derive(Debug)]
+pub(crate) struct SendQueue {
+    chunks: VecDeque<Chunk>,
+    copies: Option<Buffer>,
+    len: usize,
+    limit: usize,
+}
+
+// ===== impl SendQueue =====
+
+impl SendQueue {
+    pub(crate) fn new(limit: usize) -> SendQueue {
+        SendQueue {
+            chunks: VecDeque::new(),
+            copies: None,
+            len: 0,
+            limit,
+        }
+    }
+
+    /// Queued bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queue a shared buffer (a refcount, not a copy).
+    pub(crate) fn push_shared(&mut self, bytes: Bytes) -> Result<(), QueueFull> {
+        if bytes.len() > self.limit - self.len {
+            return Err(QueueFull);
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.len += bytes.len();
+        self.chunks.push_back(Chunk::Shared(bytes));
+        Ok(())
+    }
+
+    /// Queue a copy of `src`. The copy goes into a pooled block; only what does
+    /// not fit there (a burst beyond one block) is copied into a new `Bytes`.
+    pub(crate) fn push_copy(&mut self, src: &[u8], pool: &mut BufferPool) -> Result<(), QueueFull> {
+        if src.len() > self.limit - self.len {
+            return Err(QueueFull);
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let block = self.copies.get_or_insert_with(|| pool.take());
+        let n = block.append(src);
+        if n > 0 {
+            match self.chunks.back_mut() {
+                Some(Chunk::Copied(k)) => *k += n,
+                _ => self.chunks.push_back(Chunk::Copied(n)),
+            }
+        }
+        if let Some(rest) = src.get(n..).filter(|r| !r.is_empty()) {
+            self.chunks
+                .push_back(Chunk::Shared(Bytes::copy_from_slice(rest)));
+        }
+        self.len += src.len();
+        Ok(())
+    }
+
+    /// Fill `iov` with the queued bytes in order; returns how many slots are used.
+    pub(crate) fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+        let copied = self.copies.as_ref().map(Buffer::data).unwrap_or_default();
+        let mut copy_pos = 0;
+        let mut n = 0;
+        for (chunk, slot) in self.chunks.iter().zip(iov.iter_mut()) {
+            let bytes: &[u8] = match chunk {
+                Chunk::Shared(b) => b,
+                Chunk::Copied(k) => {
+                    let s = copied.get(copy_pos..copy_pos + k).unwrap_or_default();
+                    copy_pos += k;
+                    s
+                }
+            };
+            *slot = IoSlice::new(bytes);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drop `written` bytes from the front.
+    pub(crate) fn advance(&mut self, mut written: usize) {
+        self.len = self.len.saturating_sub(written);
+        while written > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            match front {
+                Chunk::Shared(b) => {
+                    let n = b.len().min(written);
+                    b.advance(n);
+                    written -= n;
+                    if b.is_empty() {
+                        self.chunks.pop_front();
+                    }
+                }
+                Chunk::Copied(k) => {
+                    let n = (*k).min(written);
+                    if let Some(c) = self.copies.as_mut() {
+                        c.consume(n);
+                    }
+                    *k -= n;
+                    written -= n;
+                    if *k == 0 {
+                        self.chunks.pop_front();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Give pooled memory back once the queue is empty (idle connections hold none).
+    pub(crate) fn release(&mut self, pool: &mut BufferPool) {
+        if !self.is_empty() {
+            return;
+        }
+        if let Some(b) = self.copies.take() {
+            pool.give_back(b);
+        }
+        if self.chunks.capacity() > KEEP_CHUNKS {
+            self.chunks = VecDeque::new();
+        }
+    }
+
+    /// Drop everything (on close), giving pooled memory back.
+    pub(crate) fn clear(&mut self, pool: &mut BufferPool) {
+        self.chunks.clear();
+        self.len = 0;
+        self.release(pool);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn drain(q: &mut SendQueue) -> Vec<u8> {
+        let mut out = Vec::new();
+        while !q.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n = q.gather(&mut iov);
+            // Write at most 3 bytes at a time to exercise partial advances.
+            let mut left = 3;
+            for s in &iov[..n] {
+                let take = s.len().min(left);
+                out.extend_from_slice(&s[..take]);
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
+            let w = 3usize.min(q.len());
+            q.advance(w);
+        }
+        out
+    }
+
+    #[test]
+    fn copies_and_shared_keep_order() {
+        let mut pool = BufferPool::new(8, 4);
+        let mut q = SendQueue::new(100);
+        q.push_copy(b"abc", &mut pool).unwrap();
+        q.push_shared(Bytes::from_static(b"DEF")).unwrap();
+        q.push_copy(b"ghijklmnop", &mut pool).unwrap(); // overflows the 8-byte block
+        q.push_copy(b"q", &mut pool).unwrap();
+        assert_eq!(q.len(), 17);
+        assert_eq!(drain(&mut q), b"abcDEFghijklmnopq");
+        q.release(&mut pool);
+        assert_eq!(pool.lent, 0);
+    }
+
+    #[test]
+    fn limit_is_enforced() {
+        let mut pool = BufferPool::new(8, 4);
+        let mut q = SendQueue::new(5);
+        q.push_copy(b"abcd", &mut pool).unwrap();
+        assert_eq!(q.push_copy(b"ef", &mut pool), Err(QueueFull));
+        assert_eq!(q.push_shared(Bytes::from_static(b"ef")), Err(QueueFull));
+        q.push_copy(b"e", &mut pool).unwrap();
+        assert_eq!(q.len(), 5);
+    }
+
+    #[test]
+    fn buffer_shifts_partial_data_to_front() {
+        let mut b = Buffer::new(4);
+        b.space()[..4].copy_from_slice(b"abcd");
+        b.fill(4);
+        b.consume(3);
+        assert_eq!(b.space().len(), 3);
+        assert_eq!(b.data(), b"d");
+    }
+}

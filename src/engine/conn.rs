@@ -1,0 +1,79 @@
+//! One TCP connection as the engine sees it: socket, readiness, decoder, buffers.
+//!
+//! Invariant: the socket is registered exactly once (READABLE | WRITABLE, edge
+//! triggered) when the connection enters the slab, and deregistered exactly once
+//! when it is closed; `readiness.event` is cleared only on `WouldBlock` or EOF.
+//! An idle connection holds no buffer: `rx` and the send queue's copy block are
+//! borrowed from the pool only while they hold bytes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use super::buffer::{Buffer, SendQueue};
+use super::timer::TimerKey;
+use super::{CloseReason, RoleId};
+use crate::codec::Decoder;
+
+/// Readiness bits (sozu's `Readiness`): what the socket reported, and what the
+/// connection currently wants. The engine acts on `event & interest`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Readiness {
+    pub(crate) event: u8,
+    pub(crate) interest: u8,
+}
+
+pub(crate) const READABLE: u8 = 0b01;
+pub(crate) const WRITABLE: u8 = 0b10;
+
+impl Readiness {
+    pub(crate) fn wants(&self, bit: u8) -> bool {
+        self.event & self.interest & bit != 0
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Outbound connect in progress.
+    Connecting,
+    /// Reading and writing.
+    Open,
+    /// Closed by the role: flushing the send queue, then closing.
+    Closing,
+    /// Deregistered; waiting for slab removal at the end of the batch.
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) sock: TcpStream,
+    pub(crate) generation: u32,
+    pub(crate) role: RoleId,
+    pub(crate) state: State,
+    pub(crate) readiness: Readiness,
+    pub(crate) decoder: Decoder,
+    pub(crate) rx: Option<Buffer>,
+    pub(crate) tx: SendQueue,
+    pub(crate) peer: SocketAddr,
+    pub(crate) last_active: Instant,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) idle_timer: Option<TimerKey>,
+    /// Connect timeout while `Connecting`, linger deadline while `Closing`.
+    pub(crate) aux_timer: Option<TimerKey>,
+    pub(crate) read_closed: bool,
+    pub(crate) notify_writable: bool,
+    pub(crate) in_ready_list: bool,
+    /// Set when the connection was an outbound connect that never completed.
+    pub(crate) never_connected: bool,
+    pub(crate) reason: CloseReason,
+}
+
+// ===== impl Conn =====
+
+impl Conn {
+    pub(crate) fn can_read(&self) -> bool {
+        self.state == State::Open && !self.read_closed && self.readiness.interest & READABLE != 0
+    }
+}

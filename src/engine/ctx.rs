@@ -1,0 +1,376 @@
+//! [`Ctx`]: everything a role may ask of the engine, and nothing more.
+//!
+//! Invariant: a role never touches a socket. It queues bytes, closes, pauses,
+//! opens listeners and connections, and sets timers through `Ctx`; the engine
+//! performs the I/O later in the same turn. A stale [`ConnKey`] is harmless: every
+//! call checks the generation and does nothing (or returns an error) for it.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use log::{debug, warn};
+use mio::net::{TcpListener, TcpStream};
+
+use super::buffer::QueueFull;
+use super::conn::{READABLE, State};
+use super::handle::Stats;
+use super::timer::TimerKey;
+use super::token::{ConnKey, ListenerId, listener_token};
+use super::{CloseReason, Core, Listener, RoleId, TimerOwner};
+use crate::codec::Framing;
+
+/// The context passed to every [`crate::Role`] callback.
+pub struct Ctx<'a> {
+    pub(crate) core: &'a mut Core,
+    pub(crate) role: RoleId,
+}
+
+/// Options for [`Ctx::listen`].
+#[derive(Debug, Clone, Copy)]
+pub struct ListenOptions {
+    /// How accepted connections' input is cut into frames.
+    pub framing: Framing,
+    /// Send queue bound for accepted connections (default: `engine.queue_bytes`).
+    pub queue_bytes: Option<usize>,
+    /// Disable Nagle's algorithm on accepted connections (default: on, i.e. no delay).
+    pub nodelay: bool,
+}
+
+impl Default for ListenOptions {
+    fn default() -> ListenOptions {
+        ListenOptions {
+            framing: Framing::Raw,
+            queue_bytes: None,
+            nodelay: true,
+        }
+    }
+}
+
+/// Options for [`Ctx::connect`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// How the connection's input is cut into frames.
+    pub framing: Framing,
+    /// Send queue bound (default: `engine.queue_bytes`).
+    pub queue_bytes: Option<usize>,
+    /// Connect time limit (default: `engine.connect_timeout`).
+    pub timeout: Option<Duration>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> ConnectOptions {
+        ConnectOptions {
+            framing: Framing::Raw,
+            queue_bytes: None,
+            timeout: None,
+        }
+    }
+}
+
+/// Why [`Ctx::send`] queued nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The connection's send queue has no room for these bytes. The role
+    /// applies its own policy (pause the source, drop, close); the engine will
+    /// call [`crate::Role::on_writable`] once the queue has drained.
+    Full,
+    /// The connection is closed, closing, or the key is stale.
+    Closed,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SendError::Full => "send queue full",
+            SendError::Closed => "connection closed",
+        })
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// A listener could not be opened.
+#[derive(Debug)]
+pub struct ListenError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// What the operating system said.
+    pub error: io::Error,
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot listen on {}: {}", self.addr, self.error)
+    }
+}
+
+impl std::error::Error for ListenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+// ===== impl Ctx =====
+
+impl Ctx<'_> {
+    /// The time this loop turn started (read once per turn).
+    pub fn now(&self) -> Instant {
+        self.core.now
+    }
+
+    /// The calling role's id (for [`crate::Handle::send`]).
+    pub fn role_id(&self) -> RoleId {
+        self.role
+    }
+
+    /// Queue a copy of `data` for `key`. The copy goes into a pooled buffer:
+    /// no allocation in steady state.
+    ///
+    /// # Errors
+    /// [`SendError::Full`] if the queue has no room for all of `data` (nothing
+    /// is queued), [`SendError::Closed`] if the connection is gone or closing.
+    pub fn send(&mut self, key: ConnKey, data: &[u8]) -> Result<(), SendError> {
+        let core = &mut *self.core;
+        let Some(conn) = core.conns.get_mut(key.index as usize) else {
+            return Err(SendError::Closed);
+        };
+        if conn.generation != key.generation
+            || !matches!(conn.state, State::Open | State::Connecting)
+        {
+            return Err(SendError::Closed);
+        }
+        let r = conn.tx.push_copy(data, &mut core.pool);
+        core.after_push(key.index as usize, r)
+    }
+
+    /// Queue a shared buffer for `key`: a refcount, not a copy. Use this to send
+    /// one record to many connections.
+    ///
+    /// # Errors
+    /// As for [`Ctx::send`].
+    pub fn send_bytes(&mut self, key: ConnKey, data: Bytes) -> Result<(), SendError> {
+        let core = &mut *self.core;
+        let Some(conn) = core.conns.get_mut(key.index as usize) else {
+            return Err(SendError::Closed);
+        };
+        if conn.generation != key.generation
+            || !matches!(conn.state, State::Open | State::Connecting)
+        {
+            return Err(SendError::Closed);
+        }
+        let r = conn.tx.push_shared(data);
+        core.after_push(key.index as usize, r)
+    }
+
+    /// Bytes queued for `key` and not yet written (`None` for a stale key).
+    pub fn queued(&self, key: ConnKey) -> Option<usize> {
+        self.core.conn(key).map(|c| c.tx.len())
+    }
+
+    /// Room left in `key`'s send queue (`None` for a stale key).
+    pub fn send_capacity(&self, key: ConnKey) -> Option<usize> {
+        self.core.conn(key).map(|c| c.tx.limit() - c.tx.len())
+    }
+
+    /// The size of one read buffer: the most bytes one frame callback can carry.
+    pub fn read_buffer_len(&self) -> usize {
+        self.core.pool.buf_len()
+    }
+
+    /// The peer address of `key`.
+    pub fn peer_addr(&self, key: ConnKey) -> Option<SocketAddr> {
+        self.core.conn(key).map(|c| c.peer)
+    }
+
+    /// Close `key` after its queued bytes are written (at most `engine.linger`).
+    /// The role's [`crate::Role::on_closed`] follows at the end of the turn.
+    pub fn close(&mut self, key: ConnKey) {
+        let reason = match self.core.conn(key) {
+            Some(c) if c.read_closed => CloseReason::PeerClosed,
+            _ => CloseReason::Local,
+        };
+        self.core.close_gracefully(key, reason);
+    }
+
+    /// Close `key` now, dropping anything queued.
+    pub fn abort(&mut self, key: ConnKey) {
+        if self.core.conn(key).is_some() {
+            self.core.close_now(key.index as usize, CloseReason::Local);
+        }
+    }
+
+    /// Stop reading from `key` (its bytes wait in the kernel; TCP pushes back).
+    pub fn pause_reading(&mut self, key: ConnKey) {
+        if let Some(c) = self.core.conn_mut(key) {
+            c.readiness.interest &= !READABLE;
+            c.notify_writable = true;
+        }
+    }
+
+    /// Resume reading from `key`; buffered input is decoded this turn.
+    pub fn resume_reading(&mut self, key: ConnKey) {
+        if let Some(c) = self.core.conn_mut(key)
+            && c.readiness.interest & READABLE == 0
+        {
+            c.readiness.interest |= READABLE;
+            self.core.mark_ready(key.index as usize);
+        }
+    }
+
+    /// Whether reading from `key` is paused.
+    pub fn is_paused(&self, key: ConnKey) -> bool {
+        self.core
+            .conn(key)
+            .is_some_and(|c| c.readiness.interest & READABLE == 0)
+    }
+
+    /// Change how `key`'s input is cut into frames. Bytes already buffered are
+    /// decoded with the new framing.
+    pub fn set_framing(&mut self, key: ConnKey, framing: Framing) {
+        if let Some(c) = self.core.conn_mut(key) {
+            c.decoder = crate::codec::Decoder::new(framing);
+        }
+        self.core.mark_ready(key.index as usize);
+    }
+
+    /// Close `key` (reason [`CloseReason::IdleTimeout`]) once no byte has been
+    /// read from it for `timeout`; `None` removes the idle timeout. Activity
+    /// costs nothing per read: the deadline is checked when the timer fires.
+    pub fn set_idle_timeout(&mut self, key: ConnKey, timeout: Option<Duration>) {
+        let core = &mut *self.core;
+        let now = core.now;
+        let Some(c) = core.conns.get_mut(key.index as usize) else {
+            return;
+        };
+        if c.generation != key.generation {
+            return;
+        }
+        if let Some(t) = c.idle_timer.take() {
+            core.timers.cancel(t);
+        }
+        c.idle_timeout = timeout;
+        if let Some(d) = timeout {
+            c.last_active = now;
+            c.idle_timer = Some(core.timers.insert(now + d, TimerOwner::Idle(key)));
+        }
+    }
+
+    /// Open a listener whose connections belong to the calling role.
+    ///
+    /// # Errors
+    /// A [`ListenError`] naming the address (for example "address in use").
+    pub fn listen(
+        &mut self,
+        addr: SocketAddr,
+        opts: ListenOptions,
+    ) -> Result<ListenerId, ListenError> {
+        let core = &mut *self.core;
+        let mut sock = TcpListener::bind(addr).map_err(|error| ListenError { addr, error })?;
+        let local = sock
+            .local_addr()
+            .map_err(|error| ListenError { addr, error })?;
+        let entry = core.listeners.vacant_entry();
+        let idx = entry.key();
+        core.poll
+            .registry()
+            .register(&mut sock, listener_token(idx), mio::Interest::READABLE)
+            .map_err(|error| ListenError { addr, error })?;
+        entry.insert(Listener {
+            sock,
+            role: self.role,
+            opts,
+            local,
+            ready: false,
+        });
+        debug!("listener {idx} open on {local}");
+        Ok(ListenerId(idx))
+    }
+
+    /// The bound address of a listener (the real port when asked for port 0).
+    pub fn listener_addr(&self, id: ListenerId) -> Option<SocketAddr> {
+        self.core.listeners.get(id.0).map(|l| l.local)
+    }
+
+    /// Close a listener; its accepted connections stay open.
+    pub fn close_listener(&mut self, id: ListenerId) {
+        self.core.close_listener(id.0);
+    }
+
+    /// Start an outbound connection. [`crate::Role::on_connected`] or
+    /// [`crate::Role::on_connect_failed`] follows. Bytes sent before it is
+    /// connected are queued.
+    ///
+    /// # Errors
+    /// The error if the connect could not even start, or
+    /// `io::ErrorKind::QuotaExceeded`-like `Other` when `max_connections` is reached.
+    pub fn connect(&mut self, addr: SocketAddr, opts: ConnectOptions) -> io::Result<ConnKey> {
+        let core = &mut *self.core;
+        if core.conns.len() >= core.config.max_connections {
+            return Err(io::Error::other("max_connections reached"));
+        }
+        let sock = TcpStream::connect(addr)?;
+        let key = core.insert_conn(sock, addr, self.role, opts.framing, opts.queue_bytes, true)?;
+        let timeout = opts.timeout.unwrap_or(core.config.connect_timeout);
+        let at = core.now + timeout;
+        if let Some(c) = core.conns.get_mut(key.index as usize) {
+            c.aux_timer = Some(core.timers.insert(at, TimerOwner::Connect(key)));
+        }
+        debug!("{key} connecting to {addr}");
+        Ok(key)
+    }
+
+    /// Call [`crate::Role::on_timer`] with `token` at `at` (or at the next turn if
+    /// `at` has passed).
+    pub fn set_timer(&mut self, at: Instant, token: u64) -> TimerKey {
+        self.core
+            .timers
+            .insert(at, TimerOwner::Role(self.role, token))
+    }
+
+    /// Cancel a timer; a key that already fired or was cancelled is ignored.
+    pub fn cancel_timer(&mut self, key: TimerKey) {
+        self.core.timers.cancel(key);
+    }
+
+    /// Connections held by the engine now.
+    pub fn connection_count(&self) -> usize {
+        self.core.conns.len()
+    }
+
+    /// Stop the engine (as SIGTERM does).
+    pub fn stop(&mut self) {
+        self.core.stop_requested = true;
+    }
+}
+
+// ===== impl Core (send path) =====
+
+impl Core {
+    fn after_push(&mut self, idx: usize, r: Result<(), QueueFull>) -> Result<(), SendError> {
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return Err(SendError::Closed);
+        };
+        match r {
+            Ok(()) => {
+                if conn.tx.len() > conn.tx.limit() / 2 {
+                    conn.notify_writable = true;
+                }
+                self.mark_ready(idx);
+                Ok(())
+            }
+            Err(QueueFull) => {
+                conn.notify_writable = true;
+                Stats::add(&self.shared.stats.queue_full_total, 1);
+                if !conn.tx.is_empty() {
+                    self.mark_ready(idx);
+                } else {
+                    warn!("c{idx}: send larger than the whole queue bound was refused");
+                }
+                Err(SendError::Full)
+            }
+        }
+    }
+}

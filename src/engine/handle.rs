@@ -1,0 +1,175 @@
+//! The thread-safe side of the engine: a [`Handle`] to stop it or hand it work,
+//! and the [`Stats`] counters it publishes.
+//!
+//! Invariant: the inbox is bounded (`engine.inbox` messages); a full inbox
+//! refuses with [`HandleError::Full`] rather than growing. Counters are relaxed
+//! atomics updated per connection event or per system call, never per byte.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mio::Waker;
+
+use super::RoleId;
+
+/// A message for a role, delivered to [`crate::Role::on_message`] on the loop thread.
+pub type Message = Box<dyn Any + Send>;
+
+pub(crate) enum Command {
+    Stop,
+    Message(RoleId, Message),
+}
+
+pub(crate) struct Shared {
+    pub(crate) waker: Waker,
+    pub(crate) inbox: Mutex<VecDeque<Command>>,
+    pub(crate) capacity: usize,
+    pub(crate) stopped: AtomicBool,
+    pub(crate) stats: Stats,
+}
+
+/// Why a [`Handle`] call did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandleError {
+    /// The inbox holds `engine.inbox` messages already; try again later.
+    Full,
+    /// The engine has stopped.
+    Stopped,
+}
+
+impl fmt::Display for HandleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HandleError::Full => "the engine's inbox is full",
+            HandleError::Stopped => "the engine has stopped",
+        })
+    }
+}
+
+impl std::error::Error for HandleError {}
+
+/// A cloneable, thread-safe handle to a running [`crate::Engine`].
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+// ===== impl Handle =====
+
+impl Handle {
+    /// Ask the engine to stop: it stops accepting, flushes queues up to
+    /// `engine.shutdown_timeout`, and `run` returns.
+    pub fn stop(&self) {
+        self.push(Command::Stop, true).ok();
+    }
+
+    /// Hand `msg` to role `role`'s [`crate::Role::on_message`] on the loop thread.
+    ///
+    /// # Errors
+    /// [`HandleError::Full`] when the bounded inbox is full,
+    /// [`HandleError::Stopped`] when the engine is gone.
+    pub fn send(&self, role: RoleId, msg: Message) -> Result<(), HandleError> {
+        self.push(Command::Message(role, msg), false)
+    }
+
+    /// Connections currently held by the engine (accepted and outbound).
+    pub fn connections(&self) -> u64 {
+        self.shared.stats.connections.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of the engine's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    fn push(&self, cmd: Command, force: bool) -> Result<(), HandleError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(HandleError::Stopped);
+        }
+        {
+            let mut inbox = self.shared.inbox.lock().map_err(|_| HandleError::Stopped)?;
+            if inbox.len() >= self.shared.capacity && !force {
+                return Err(HandleError::Full);
+            }
+            inbox.push_back(cmd);
+        }
+        self.shared.waker.wake().map_err(|_| HandleError::Stopped)
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+macro_rules! stats {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Engine counters, updated by the loop thread.
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        /// A copy of the engine counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Connections held now (accepted and outbound, including closing ones).
+    connections,
+    /// Connections accepted since start.
+    accepted_total,
+    /// Outbound connections established since start.
+    connected_total,
+    /// Outbound connects that failed or timed out.
+    connect_failed_total,
+    /// Connections closed since start.
+    closed_total,
+    /// Times accepting paused because `max_connections` was reached.
+    accept_paused_limit_total,
+    /// Times accepting paused because the process or system ran out of
+    /// file descriptors (EMFILE/ENFILE) or memory.
+    accept_paused_fd_total,
+    /// Connections closed because a frame exceeded its maximum length.
+    frame_errors_total,
+    /// Connections closed by their idle timeout.
+    idle_timeouts_total,
+    /// Bytes read from sockets.
+    bytes_in_total,
+    /// Bytes written to sockets.
+    bytes_out_total,
+    /// Sends refused because a connection's queue was full.
+    queue_full_total,
+    /// Read buffers lent out now.
+    buffers_lent,
+    /// Failed `poll` calls (fatal after several in a row).
+    poll_errors_total,
+    /// Loop iterations.
+    turns_total,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,1142 @@
+//! The event loop: one `mio::Poll`, one `Slab` of connections, one thread.
+//!
+//! Invariant: only this module touches sockets. Every socket is registered once,
+//! edge-triggered; reads, writes and accepts drain until `WouldBlock` or a
+//! budget, and a connection whose drain stopped early goes on the ready list so
+//! the next poll does not sleep. Slab slots are freed only at the end of a turn,
+//! so a token in the current `Events` batch never names a different connection.
+//! Allocation: none per read, frame or write in steady state (pooled buffers,
+//! reused event, ready and close lists).
+
+mod buffer;
+mod conn;
+mod ctx;
+mod handle;
+mod timer;
+mod token;
+
+pub use ctx::{ConnectOptions, Ctx, ListenError, ListenOptions, SendError};
+pub use handle::{Handle, HandleError, Message, StatsSnapshot};
+pub use timer::TimerKey;
+pub use token::{ConnKey, ListenerId};
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, trace, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Waker};
+use slab::Slab;
+
+use crate::codec::{Decoded, Decoder, FrameError, Framing};
+use crate::config::EngineConfig;
+use crate::role::Role;
+use buffer::{BufferPool, MAX_IOV, SendQueue};
+use conn::{Conn, READABLE, Readiness, State, WRITABLE};
+use handle::{Command, Shared, Stats};
+use timer::Timers;
+use token::Target;
+
+/// Events fetched per `poll` call.
+const EVENTS_CAPACITY: usize = 1024;
+/// Accepts per listener per turn before other work gets a turn.
+const ACCEPT_BUDGET: usize = 256;
+/// Timers fired per turn before the loop polls again (with a zero timeout).
+const TIMER_BUDGET: usize = 4096;
+/// Frames or syscalls one pump may handle before the connection is closed as a
+/// bug (a role that resumes forever, say); far above any legitimate count.
+const MAX_LOOP_ITERATIONS: usize = 1 << 20;
+/// `poll` failures in a row before the engine gives up.
+const MAX_POLL_ERRORS: u32 = 16;
+/// Linux errno values for resource exhaustion on `accept` (the same on every
+/// Linux architecture, and EMFILE/ENFILE also on the BSDs and macOS).
+const ENOMEM: i32 = 12;
+const ENFILE: i32 = 23;
+const EMFILE: i32 = 24;
+const ENOBUFS: i32 = 105;
+
+/// Identifies a role added to an [`Engine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RoleId(pub(crate) usize);
+
+/// Why a connection closed (given to [`Role::on_closed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed its side and the engine finished with the connection.
+    PeerClosed,
+    /// The socket failed (reset, broken pipe, ...).
+    Io(io::ErrorKind),
+    /// A role closed it ([`Ctx::close`] / [`Ctx::abort`]).
+    Local,
+    /// Nothing was read for the configured idle timeout.
+    IdleTimeout,
+    /// The input broke the connection's framing.
+    Frame(FrameError),
+    /// An outbound connect did not complete in time.
+    ConnectTimeout,
+    /// Queued bytes could not be flushed within `engine.linger`.
+    LingerTimeout,
+    /// The engine is shutting down.
+    Shutdown,
+    /// An internal guard tripped (logged as a bug).
+    Bug,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("peer closed"),
+            CloseReason::Io(k) => write!(f, "i/o error: {k}"),
+            CloseReason::Local => f.write_str("closed locally"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::Frame(e) => write!(f, "framing error: {e}"),
+            CloseReason::ConnectTimeout => f.write_str("connect timeout"),
+            CloseReason::LingerTimeout => f.write_str("could not flush before linger timeout"),
+            CloseReason::Shutdown => f.write_str("shutdown"),
+            CloseReason::Bug => f.write_str("internal guard tripped"),
+        }
+    }
+}
+
+/// The engine failed to start or to keep running.
+#[derive(Debug)]
+pub enum EngineError {
+    /// A listener could not be opened (the address is named).
+    Listen(ListenError),
+    /// A role refused to start.
+    Role {
+        /// The role's name.
+        role: String,
+        /// What it said.
+        message: String,
+    },
+    /// Poll setup or the poll loop failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::Listen(e) => e.fmt(f),
+            EngineError::Role { role, message } => write!(f, "role {role}: {message}"),
+            EngineError::Io(e) => write!(f, "event loop: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+impl From<ListenError> for EngineError {
+    fn from(e: ListenError) -> EngineError {
+        EngineError::Listen(e)
+    }
+}
+
+impl From<io::Error> for EngineError {
+    fn from(e: io::Error) -> EngineError {
+        EngineError::Io(e)
+    }
+}
+
+/// What a timer belongs to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TimerOwner {
+    Role(RoleId, u64),
+    Idle(ConnKey),
+    Connect(ConnKey),
+    Linger(ConnKey),
+    AcceptBackoff,
+    ShutdownDeadline,
+}
+
+pub(crate) struct Listener {
+    sock: TcpListener,
+    role: RoleId,
+    opts: ListenOptions,
+    local: SocketAddr,
+    /// Readiness seen and not yet drained to `WouldBlock`.
+    ready: bool,
+}
+
+/// A listener opened by a role, as reported by [`Engine::listeners`].
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// The role's name.
+    pub role: String,
+    /// The bound address.
+    pub addr: SocketAddr,
+}
+
+/// Engine state that roles reach through [`Ctx`].
+pub(crate) struct Core {
+    poll: Poll,
+    conns: Slab<Conn>,
+    listeners: Slab<Listener>,
+    timers: Timers<TimerOwner>,
+    pool: BufferPool,
+    /// Connections to pump without a new event.
+    ready: Vec<usize>,
+    /// Connections closed this turn, removed from the slab at its end.
+    closed: Vec<usize>,
+    now: Instant,
+    next_generation: u32,
+    config: EngineConfig,
+    accept_backoff: Option<TimerKey>,
+    limit_logged: bool,
+    stop_requested: bool,
+    shared: Arc<Shared>,
+}
+
+/// The event loop and the roles it serves.
+pub struct Engine {
+    core: Core,
+    roles: Vec<Box<dyn Role>>,
+    events: Events,
+    /// The ready list being worked on (swapped with `core.ready`).
+    ready_work: Vec<usize>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    started: bool,
+    stopping: bool,
+}
+
+// ===== impl Engine =====
+
+impl Engine {
+    /// A new engine with no roles yet.
+    ///
+    /// # Errors
+    /// If the poll instance or the waker cannot be created.
+    pub fn new(config: EngineConfig) -> Result<Engine, EngineError> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), token::WAKER)?;
+        let shared = Arc::new(Shared {
+            waker,
+            inbox: Mutex::new(VecDeque::with_capacity(config.inbox)),
+            capacity: config.inbox,
+            stopped: AtomicBool::new(false),
+            stats: Stats::default(),
+        });
+        let initial = config.max_connections.min(1024);
+        let core = Core {
+            poll,
+            conns: Slab::with_capacity(initial),
+            listeners: Slab::new(),
+            timers: Timers::with_capacity(initial),
+            pool: BufferPool::new(config.buffer_bytes, config.buffer_pool),
+            ready: Vec::with_capacity(initial),
+            closed: Vec::with_capacity(initial),
+            now: Instant::now(),
+            next_generation: 0,
+            accept_backoff: None,
+            limit_logged: false,
+            stop_requested: false,
+            shared,
+            config,
+        };
+        Ok(Engine {
+            core,
+            roles: Vec::new(),
+            events: Events::with_capacity(EVENTS_CAPACITY),
+            ready_work: Vec::with_capacity(initial),
+            signals: None,
+            started: false,
+            stopping: false,
+        })
+    }
+
+    /// Add a role; it starts (opens its listeners) in [`Engine::start`].
+    pub fn add_role(&mut self, role: Box<dyn Role>) -> RoleId {
+        self.roles.push(role);
+        RoleId(self.roles.len() - 1)
+    }
+
+    /// Stop on SIGINT/SIGTERM (graceful) and log SIGHUP. Only the process's
+    /// main engine should call this.
+    ///
+    /// # Errors
+    /// If the signal handlers cannot be installed.
+    pub fn handle_signals(&mut self) -> Result<(), EngineError> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        self.core
+            .poll
+            .registry()
+            .register(&mut signals, token::SIGNALS, Interest::READABLE)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// A thread-safe handle to stop the engine or hand it messages.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: Arc::clone(&self.core.shared),
+        }
+    }
+
+    /// Start every role: open listeners and initial connections. Called by
+    /// [`Engine::run`] if not called before; call it first to learn the bound
+    /// addresses (for example after listening on port 0).
+    ///
+    /// # Errors
+    /// The first role that fails, for example a listener whose address is in use.
+    pub fn start(&mut self) -> Result<(), EngineError> {
+        if self.started {
+            return Ok(());
+        }
+        self.started = true;
+        self.core.now = Instant::now();
+        for (i, role) in self.roles.iter_mut().enumerate() {
+            let mut ctx = Ctx {
+                core: &mut self.core,
+                role: RoleId(i),
+            };
+            role.start(&mut ctx)?;
+        }
+        Ok(())
+    }
+
+    /// The listeners the roles opened, with their bound addresses.
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.core
+            .listeners
+            .iter()
+            .map(|(_, l)| ListenerInfo {
+                role: self
+                    .roles
+                    .get(l.role.0)
+                    .map(|r| r.name().to_owned())
+                    .unwrap_or_default(),
+                addr: l.local,
+            })
+            .collect()
+    }
+
+    /// Run until stopped (signal, [`Handle::stop`] or [`Ctx::stop`]), then flush
+    /// queues for up to `engine.shutdown_timeout` and return.
+    ///
+    /// # Errors
+    /// Start-up failures, or `poll` failing repeatedly.
+    pub fn run(&mut self) -> Result<(), EngineError> {
+        self.start()?;
+        let mut poll_errors = 0;
+        let result = loop {
+            if self.stopping && self.core.conns.is_empty() {
+                break Ok(());
+            }
+            match self.turn() {
+                Ok(()) => poll_errors = 0,
+                Err(e) => {
+                    poll_errors += 1;
+                    Stats::add(&self.core.shared.stats.poll_errors_total, 1);
+                    error!("poll failed ({poll_errors} in a row): {e}");
+                    if poll_errors >= MAX_POLL_ERRORS {
+                        break Err(EngineError::Io(e));
+                    }
+                }
+            }
+        };
+        self.core.shared.stopped.store(true, Ordering::Release);
+        info!("engine stopped");
+        result
+    }
+
+    /// One loop iteration: poll, dispatch events, fire timers, work the ready
+    /// list, remove closed connections, resume accepting.
+    fn turn(&mut self) -> io::Result<()> {
+        let timeout = self.poll_timeout();
+        match self.core.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        self.core.now = Instant::now();
+        Stats::add(&self.core.shared.stats.turns_total, 1);
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for event in events.iter() {
+            match token::target(event.token()) {
+                Target::Conn(idx) => {
+                    if let Some(c) = self.core.conns.get_mut(idx) {
+                        // Errors and hang-ups surface through the next read/write.
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            c.readiness.event |= READABLE;
+                        }
+                        if event.is_writable() || event.is_write_closed() || event.is_error() {
+                            c.readiness.event |= WRITABLE;
+                        }
+                        self.pump(idx);
+                    }
+                }
+                Target::Listener(l) => {
+                    if let Some(l) = self.core.listeners.get_mut(l) {
+                        l.ready = true;
+                    }
+                    self.accept(l);
+                }
+                Target::Waker => self.drain_inbox(),
+                Target::Signals => self.read_signals(),
+            }
+        }
+        self.events = events;
+        self.fire_timers();
+        self.work_ready_list();
+        self.reap();
+        let lent = self.core.pool.lent as u64;
+        self.core
+            .shared
+            .stats
+            .buffers_lent
+            .store(lent, Ordering::Relaxed);
+        if self.core.stop_requested {
+            self.begin_stop();
+        }
+        if self.core.can_accept() {
+            for l in 0..self.core.listeners.capacity() {
+                if self.core.listeners.get(l).is_some_and(|l| l.ready) {
+                    self.accept(l);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Duration> {
+        let accept_pending =
+            self.core.can_accept() && self.core.listeners.iter().any(|(_, l)| l.ready);
+        if !self.core.ready.is_empty() || !self.core.closed.is_empty() || accept_pending {
+            return Some(Duration::ZERO);
+        }
+        self.core
+            .timers
+            .next_deadline()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Accept until `WouldBlock`, the connection limit, fd exhaustion or the budget.
+    fn accept(&mut self, lidx: usize) {
+        for _ in 0..ACCEPT_BUDGET {
+            if !self.core.can_accept() {
+                if self.core.conns.len() >= self.core.config.max_connections
+                    && !self.core.limit_logged
+                {
+                    self.core.limit_logged = true;
+                    Stats::add(&self.core.shared.stats.accept_paused_limit_total, 1);
+                    warn!(
+                        "max_connections ({}) reached: accepting paused until a connection closes",
+                        self.core.config.max_connections
+                    );
+                }
+                return;
+            }
+            let Some(l) = self.core.listeners.get_mut(lidx) else {
+                return;
+            };
+            if !l.ready {
+                return;
+            }
+            match l.sock.accept() {
+                Ok((sock, peer)) => {
+                    let (role, opts) = (l.role, l.opts);
+                    if opts.nodelay {
+                        sock.set_nodelay(true).ok();
+                    }
+                    match self.core.insert_conn(
+                        sock,
+                        peer,
+                        role,
+                        opts.framing,
+                        opts.queue_bytes,
+                        false,
+                    ) {
+                        Ok(key) => {
+                            Stats::add(&self.core.shared.stats.accepted_total, 1);
+                            debug!("{key} accepted from {peer}");
+                            if let Some(r) = self.roles.get_mut(role.0) {
+                                r.on_accept(
+                                    &mut Ctx {
+                                        core: &mut self.core,
+                                        role,
+                                    },
+                                    ListenerId(lidx),
+                                    key,
+                                    peer,
+                                );
+                            }
+                        }
+                        Err(e) => warn!("cannot register connection from {peer}: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    l.ready = false;
+                    return;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => {
+                    let exhausted =
+                        matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM));
+                    if exhausted {
+                        Stats::add(&self.core.shared.stats.accept_paused_fd_total, 1);
+                    }
+                    let backoff = self.core.config.accept_backoff;
+                    warn!(
+                        "accept on {} failed: {e}; accepting paused for {backoff:?}",
+                        l.local
+                    );
+                    let at = self.core.now + backoff;
+                    self.core.accept_backoff =
+                        Some(self.core.timers.insert(at, TimerOwner::AcceptBackoff));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Flush, read and dispatch one connection, then flush what the reads produced.
+    fn pump(&mut self, idx: usize) {
+        let Some(c) = self.core.conns.get_mut(idx) else {
+            return;
+        };
+        c.in_ready_list = false;
+        match c.state {
+            State::Closed => return,
+            State::Connecting => {
+                if !self.finish_connect(idx) {
+                    return;
+                }
+            }
+            State::Open | State::Closing => {}
+        }
+        self.flush(idx);
+        self.read(idx);
+        self.flush(idx);
+    }
+
+    /// mio's connect sequence: on an event, `take_error`, then `peer_addr`.
+    /// Returns true once connected.
+    fn finish_connect(&mut self, idx: usize) -> bool {
+        let Some(c) = self.core.conns.get_mut(idx) else {
+            return false;
+        };
+        let key = ConnKey {
+            index: idx as u32,
+            generation: c.generation,
+        };
+        if c.readiness.event == 0 {
+            return false;
+        }
+        let failed = match c.sock.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match c.sock.peer_addr() {
+                Ok(_) => None,
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotConnected || e.raw_os_error() == Some(115) =>
+                {
+                    // EINPROGRESS / not yet connected: wait for the next event.
+                    c.readiness.event = 0;
+                    return false;
+                }
+                Err(e) => Some(e),
+            },
+        };
+        if let Some(e) = failed {
+            debug!("{key} connect to {} failed: {e}", c.peer);
+            self.core.close_now(idx, CloseReason::Io(e.kind()));
+            return false;
+        }
+        c.state = State::Open;
+        c.never_connected = false;
+        c.last_active = self.core.now;
+        if let Some(t) = c.aux_timer.take() {
+            self.core.timers.cancel(t);
+        }
+        Stats::add(&self.core.shared.stats.connected_total, 1);
+        debug!("{key} connected to {}", c.peer);
+        let role = c.role;
+        if let Some(r) = self.roles.get_mut(role.0) {
+            r.on_connected(
+                &mut Ctx {
+                    core: &mut self.core,
+                    role,
+                },
+                key,
+            );
+        }
+        self.core
+            .conns
+            .get(idx)
+            .is_some_and(|c| c.state != State::Closed)
+    }
+
+    /// Read until `WouldBlock`, EOF, the read budget, or the role pauses;
+    /// decode and dispatch frames after every read.
+    fn read(&mut self, idx: usize) {
+        let Some(c) = self.core.conns.get_mut(idx) else {
+            return;
+        };
+        let key = ConnKey {
+            index: idx as u32,
+            generation: c.generation,
+        };
+        let role = c.role;
+        let mut rx = match c.rx.take() {
+            Some(b) => b,
+            None if c.can_read() && c.readiness.event & READABLE != 0 => self.core.pool.take(),
+            None => return,
+        };
+        let mut budget = self.core.config.read_budget;
+        let mut eof = false;
+        for _ in 0..MAX_LOOP_ITERATIONS {
+            if !self.dispatch(idx, key, role, &mut rx) {
+                break;
+            }
+            let Some(c) = self.core.conns.get_mut(idx) else {
+                break;
+            };
+            if !c.can_read() || !c.readiness.wants(READABLE) {
+                break;
+            }
+            if budget == 0 {
+                self.core.mark_ready(idx);
+                break;
+            }
+            let space = rx.space();
+            if space.is_empty() {
+                // Validation keeps every bounded frame within one buffer, so a
+                // full buffer that decodes nothing is a framing error.
+                let max = self.core.pool.buf_len();
+                self.core.close_now(
+                    idx,
+                    CloseReason::Frame(FrameError::TooLong { len: rx.len(), max }),
+                );
+                break;
+            }
+            match c.sock.read(space) {
+                Ok(0) => {
+                    c.read_closed = true;
+                    c.readiness.event &= !READABLE;
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    trace!("{key} read {n} bytes");
+                    rx.fill(n);
+                    budget -= 1;
+                    c.last_active = self.core.now;
+                    Stats::add(&self.core.shared.stats.bytes_in_total, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readiness.event &= !READABLE;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{key} read failed: {e}");
+                    self.core.close_now(idx, CloseReason::Io(e.kind()));
+                    break;
+                }
+            }
+        }
+        match self.core.conns.get_mut(idx) {
+            Some(c) if c.state != State::Closed && !rx.is_empty() => c.rx = Some(rx),
+            _ => self.core.pool.give_back(rx),
+        }
+        if eof {
+            debug!("{key} peer closed its sending side");
+            if let Some(r) = self.roles.get_mut(role.0) {
+                r.on_read_closed(
+                    &mut Ctx {
+                        core: &mut self.core,
+                        role,
+                    },
+                    key,
+                );
+            }
+        }
+    }
+
+    /// Decode and hand frames to the role until input runs out or the
+    /// connection stops reading. Returns false when reading should stop.
+    fn dispatch(
+        &mut self,
+        idx: usize,
+        key: ConnKey,
+        role: RoleId,
+        rx: &mut buffer::Buffer,
+    ) -> bool {
+        for _ in 0..MAX_LOOP_ITERATIONS {
+            let Some(c) = self.core.conns.get_mut(idx) else {
+                return false;
+            };
+            if c.state != State::Open || c.readiness.interest & READABLE == 0 {
+                return false;
+            }
+            if rx.is_empty() {
+                return true;
+            }
+            let used = match c.decoder.decode(rx.data()) {
+                Ok(Decoded::Frame(frame, used)) => {
+                    trace!("{key} frame of {} bytes", frame.raw.len());
+                    if let Some(r) = self.roles.get_mut(role.0) {
+                        r.on_frame(
+                            &mut Ctx {
+                                core: &mut self.core,
+                                role,
+                            },
+                            key,
+                            frame,
+                        );
+                    }
+                    used
+                }
+                Ok(Decoded::NeedMore) => return true,
+                Err(e) => {
+                    warn!("{key} from {}: {e}; closing", c.peer);
+                    Stats::add(&self.core.shared.stats.frame_errors_total, 1);
+                    self.core.close_now(idx, CloseReason::Frame(e));
+                    return false;
+                }
+            };
+            rx.consume(used);
+        }
+        error!("{key}: frame loop guard tripped; closing (bug)");
+        self.core.close_now(idx, CloseReason::Bug);
+        false
+    }
+
+    /// Write queued bytes with vectored writes until `WouldBlock` or empty.
+    fn flush(&mut self, idx: usize) {
+        let core = &mut self.core;
+        let Some(c) = core.conns.get_mut(idx) else {
+            return;
+        };
+        if !matches!(c.state, State::Open | State::Closing) {
+            return;
+        }
+        let key = ConnKey {
+            index: idx as u32,
+            generation: c.generation,
+        };
+        while !c.tx.is_empty() && c.readiness.event & WRITABLE != 0 {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n = c.tx.gather(&mut iov);
+            let res = c.sock.write_vectored(iov.get(..n).unwrap_or_default());
+            match res {
+                Ok(0) => {
+                    core.close_now(idx, CloseReason::Io(io::ErrorKind::WriteZero));
+                    return;
+                }
+                Ok(w) => {
+                    trace!("{key} wrote {w} bytes");
+                    c.tx.advance(w);
+                    Stats::add(&core.shared.stats.bytes_out_total, w as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readiness.event &= !WRITABLE;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{key} write failed: {e}");
+                    core.close_now(idx, CloseReason::Io(e.kind()));
+                    return;
+                }
+            }
+        }
+        if !c.tx.is_empty() {
+            return;
+        }
+        c.tx.release(&mut core.pool);
+        if c.state == State::Closing {
+            let reason = c.reason;
+            core.close_now(idx, reason);
+            return;
+        }
+        if c.notify_writable {
+            c.notify_writable = false;
+            let role = c.role;
+            if let Some(r) = self.roles.get_mut(role.0) {
+                r.on_writable(
+                    &mut Ctx {
+                        core: &mut self.core,
+                        role,
+                    },
+                    key,
+                );
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        for _ in 0..TIMER_BUDGET {
+            let Some((tkey, owner)) = self.core.timers.pop_expired(self.core.now) else {
+                return;
+            };
+            match owner {
+                TimerOwner::Role(role, token) => {
+                    if let Some(r) = self.roles.get_mut(role.0) {
+                        r.on_timer(
+                            &mut Ctx {
+                                core: &mut self.core,
+                                role,
+                            },
+                            tkey,
+                            token,
+                        );
+                    }
+                }
+                TimerOwner::Idle(key) => {
+                    let now = self.core.now;
+                    let Some(c) = self.core.conn_mut(key) else {
+                        continue;
+                    };
+                    c.idle_timer = None;
+                    let Some(idle) = c.idle_timeout else { continue };
+                    let deadline = c.last_active + idle;
+                    if now >= deadline {
+                        debug!("{key} idle for {idle:?}; closing");
+                        Stats::add(&self.core.shared.stats.idle_timeouts_total, 1);
+                        self.core
+                            .close_now(key.index as usize, CloseReason::IdleTimeout);
+                    } else {
+                        let t = self.core.timers.insert(deadline, TimerOwner::Idle(key));
+                        if let Some(c) = self.core.conn_mut(key) {
+                            c.idle_timer = Some(t);
+                        }
+                    }
+                }
+                TimerOwner::Connect(key) => {
+                    if let Some(c) = self.core.conn_mut(key)
+                        && c.state == State::Connecting
+                    {
+                        c.aux_timer = None;
+                        debug!("{key} connect to {} timed out", c.peer);
+                        self.core
+                            .close_now(key.index as usize, CloseReason::ConnectTimeout);
+                    }
+                }
+                TimerOwner::Linger(key) => {
+                    if let Some(c) = self.core.conn_mut(key)
+                        && c.state == State::Closing
+                    {
+                        c.aux_timer = None;
+                        debug!("{key} could not flush {} bytes in time", c.tx.len());
+                        self.core
+                            .close_now(key.index as usize, CloseReason::LingerTimeout);
+                    }
+                }
+                TimerOwner::AcceptBackoff => self.core.accept_backoff = None,
+                TimerOwner::ShutdownDeadline => {
+                    let left = self.core.conns.len();
+                    warn!("shutdown timeout: closing {left} connections that did not flush");
+                    for idx in 0..self.core.conns.capacity() {
+                        if self.core.conns.contains(idx) {
+                            self.core.close_now(idx, CloseReason::Shutdown);
+                        }
+                    }
+                }
+            }
+        }
+        // Budget used up: more may be due; the zero-timeout poll comes via `ready`.
+        if self
+            .core
+            .timers
+            .next_deadline()
+            .is_some_and(|at| at <= self.core.now)
+        {
+            self.core.ready.push(usize::MAX);
+        }
+    }
+
+    fn work_ready_list(&mut self) {
+        std::mem::swap(&mut self.core.ready, &mut self.ready_work);
+        let mut work = std::mem::take(&mut self.ready_work);
+        for idx in work.drain(..) {
+            if idx != usize::MAX {
+                self.pump(idx);
+            }
+        }
+        self.ready_work = work;
+    }
+
+    /// Remove closed connections from the slab and tell their roles.
+    fn reap(&mut self) {
+        while let Some(idx) = self.core.closed.pop() {
+            if !self
+                .core
+                .conns
+                .get(idx)
+                .is_some_and(|c| c.state == State::Closed)
+            {
+                continue;
+            }
+            let c = self.core.conns.remove(idx);
+            if let Some(b) = c.rx {
+                self.core.pool.give_back(b);
+            }
+            Stats::sub(&self.core.shared.stats.connections, 1);
+            Stats::add(&self.core.shared.stats.closed_total, 1);
+            if self.core.conns.len() < self.core.config.max_connections {
+                self.core.limit_logged = false;
+            }
+            let key = ConnKey {
+                index: idx as u32,
+                generation: c.generation,
+            };
+            debug!("{key} closed ({})", c.reason);
+            let role = c.role;
+            let Some(r) = self.roles.get_mut(role.0) else {
+                continue;
+            };
+            let mut ctx = Ctx {
+                core: &mut self.core,
+                role,
+            };
+            if c.never_connected {
+                Stats::add(&ctx.core.shared.stats.connect_failed_total, 1);
+                r.on_connect_failed(&mut ctx, key, c.reason);
+            } else {
+                r.on_closed(&mut ctx, key, c.reason);
+            }
+        }
+    }
+
+    fn drain_inbox(&mut self) {
+        loop {
+            let cmd = match self.core.shared.inbox.lock() {
+                Ok(mut q) => q.pop_front(),
+                Err(_) => None,
+            };
+            match cmd {
+                None => return,
+                Some(Command::Stop) => self.core.stop_requested = true,
+                Some(Command::Message(role, msg)) => {
+                    if let Some(r) = self.roles.get_mut(role.0) {
+                        r.on_message(
+                            &mut Ctx {
+                                core: &mut self.core,
+                                role,
+                            },
+                            msg,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_signals(&mut self) {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        for sig in signals.pending() {
+            match sig {
+                SIGINT | SIGTERM => {
+                    info!("signal {sig}: shutting down");
+                    self.core.stop_requested = true;
+                }
+                SIGHUP => warn!("SIGHUP: live reload is not implemented yet; config unchanged"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stop accepting, let roles react, and close every connection after its
+    /// queue is flushed (bounded by `engine.shutdown_timeout`).
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        let open = self.core.conns.len();
+        info!(
+            "stopping: listeners closed, flushing {open} connections (at most {:?})",
+            self.core.config.shutdown_timeout
+        );
+        for l in 0..self.core.listeners.capacity() {
+            self.core.close_listener(l);
+        }
+        for (i, role) in self.roles.iter_mut().enumerate() {
+            role.on_shutdown(&mut Ctx {
+                core: &mut self.core,
+                role: RoleId(i),
+            });
+        }
+        for idx in 0..self.core.conns.capacity() {
+            let Some(c) = self.core.conns.get(idx) else {
+                continue;
+            };
+            let key = ConnKey {
+                index: idx as u32,
+                generation: c.generation,
+            };
+            self.core.close_gracefully(key, CloseReason::Shutdown);
+        }
+        let at = self.core.now + self.core.config.shutdown_timeout;
+        self.core.timers.insert(at, TimerOwner::ShutdownDeadline);
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("connections", &self.core.conns.len())
+            .field("listeners", &self.core.listeners.len())
+            .field(
+                "roles",
+                &self.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+// ===== impl Core =====
+
+impl Core {
+    fn conn(&self, key: ConnKey) -> Option<&Conn> {
+        self.conns
+            .get(key.index as usize)
+            .filter(|c| c.generation == key.generation && c.state != State::Closed)
+    }
+
+    fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation && c.state != State::Closed)
+    }
+
+    fn can_accept(&self) -> bool {
+        !self.stop_requested
+            && self.accept_backoff.is_none()
+            && self.conns.len() < self.config.max_connections
+    }
+
+    fn mark_ready(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(idx)
+            && !c.in_ready_list
+        {
+            c.in_ready_list = true;
+            self.ready.push(idx);
+        }
+    }
+
+    /// Take a slab slot, register the socket once, insert the connection.
+    fn insert_conn(
+        &mut self,
+        mut sock: TcpStream,
+        peer: SocketAddr,
+        role: RoleId,
+        framing: Framing,
+        queue_bytes: Option<usize>,
+        outbound: bool,
+    ) -> io::Result<ConnKey> {
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        if idx >= token::LISTENER_BASE || u32::try_from(idx).is_err() {
+            return Err(io::Error::other("connection index out of range"));
+        }
+        self.poll.registry().register(
+            &mut sock,
+            token::conn_token(idx),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        entry.insert(Conn {
+            sock,
+            generation,
+            role,
+            state: if outbound {
+                State::Connecting
+            } else {
+                State::Open
+            },
+            readiness: Readiness {
+                event: 0,
+                interest: READABLE | WRITABLE,
+            },
+            decoder: Decoder::new(framing),
+            rx: None,
+            tx: SendQueue::new(queue_bytes.unwrap_or(self.config.queue_bytes)),
+            peer,
+            last_active: self.now,
+            idle_timeout: None,
+            idle_timer: None,
+            aux_timer: None,
+            read_closed: false,
+            notify_writable: false,
+            in_ready_list: false,
+            never_connected: outbound,
+            reason: CloseReason::PeerClosed,
+        });
+        Stats::add(&self.shared.stats.connections, 1);
+        Ok(ConnKey {
+            index: idx as u32,
+            generation,
+        })
+    }
+
+    /// Close after flushing (bounded by `engine.linger`), or now if nothing is queued.
+    fn close_gracefully(&mut self, key: ConnKey, reason: CloseReason) {
+        let linger = self.config.linger;
+        let now = self.now;
+        let Some(c) = self.conn_mut(key) else { return };
+        match c.state {
+            State::Open if !c.tx.is_empty() => {
+                c.state = State::Closing;
+                c.reason = reason;
+                c.readiness.interest &= !READABLE;
+                let t = self.timers.insert(now + linger, TimerOwner::Linger(key));
+                if let Some(c) = self.conn_mut(key) {
+                    c.aux_timer = Some(t);
+                }
+                self.mark_ready(key.index as usize);
+            }
+            State::Open | State::Connecting => self.close_now(key.index as usize, reason),
+            State::Closing | State::Closed => {}
+        }
+    }
+
+    /// Deregister and mark closed; the slab slot is freed in `reap`.
+    fn close_now(&mut self, idx: usize, reason: CloseReason) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if c.state == State::Closed {
+            return;
+        }
+        if let Err(e) = self.poll.registry().deregister(&mut c.sock) {
+            debug!("c{idx}: deregister failed: {e}");
+        }
+        c.reason = reason;
+        c.state = State::Closed;
+        c.tx.clear(&mut self.pool);
+        if let Some(b) = c.rx.take() {
+            self.pool.give_back(b);
+        }
+        for t in [c.idle_timer.take(), c.aux_timer.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.timers.cancel(t);
+        }
+        self.closed.push(idx);
+    }
+
+    fn close_listener(&mut self, idx: usize) {
+        if self.listeners.contains(idx) {
+            let mut l = self.listeners.remove(idx);
+            self.poll.registry().deregister(&mut l.sock).ok();
+            info!("listener on {} closed", l.local);
+        }
+    }
+}

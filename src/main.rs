@@ -1,0 +1,116 @@
+//! The `switchboard` command: parse the command line, load the config, set up
+//! logging, run the engine, and turn the outcome into an exit code
+//! (0 clean stop, 1 runtime failure, 2 bad config or an address in use).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use log::{LevelFilter, error, info};
+use switchboard::{Config, Engine, EngineError};
+
+/// A single-threaded TCP gateway engine: echo (more roles to come) on one poll loop.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about, long_about = None)]
+struct Cli {
+    /// Log level: off, error, warn, info, debug, trace (debug/trace need a
+    /// debug build; release builds keep info and above).
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    log_level: LevelFilter,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every role in the config file (or the built-in loopback default).
+    Run {
+        /// Config file (TOML). Without it, a built-in config on loopback only.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print what would run.
+    Check {
+        /// Config file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level);
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}: ok\n{}", config.display(), c.describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => run(config),
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let config = match &path {
+        Some(p) => Config::load(p),
+        None => Config::builtin(),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match &path {
+        Some(p) => info!(
+            "switchboard {} starting with {}",
+            env!("CARGO_PKG_VERSION"),
+            p.display()
+        ),
+        None => info!(
+            "switchboard {} starting with the built-in loopback config",
+            env!("CARGO_PKG_VERSION")
+        ),
+    }
+    let mut engine = match Engine::from_config(&config) {
+        Ok(e) => e,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    if let Err(e) = engine.handle_signals().and_then(|()| engine.start()) {
+        error!("{e}");
+        return ExitCode::from(match e {
+            EngineError::Listen(_) | EngineError::Role { .. } => EXIT_CONFIG,
+            EngineError::Io(_) => EXIT_RUNTIME,
+        });
+    }
+    match engine.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn init_logging(level: LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_target_level(LevelFilter::Off)
+        .set_thread_level(LevelFilter::Off)
+        .build();
+    // Only fails if a logger is already set, which cannot happen here.
+    simplelog::WriteLogger::init(level, config, std::io::stderr()).ok();
+}

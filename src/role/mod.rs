@@ -1,0 +1,93 @@
+//! Roles: the jobs the engine does, written sans-IO against [`Ctx`].
+//!
+//! Invariant: a role owns its own tables and refers to connections only by
+//! [`ConnKey`]; the engine owns every socket and calls the role with events.
+//! Callbacks run on the loop thread and must not block: anything slow is a
+//! timer or a message from another thread ([`crate::Handle::send`]).
+
+pub mod echo;
+
+pub use echo::Echo;
+
+use std::net::SocketAddr;
+
+use crate::codec::Frame;
+use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey};
+
+/// A job served by the engine. See the crate documentation for a complete example.
+///
+/// Every callback gets a [`Ctx`] to queue bytes, close connections, pause and
+/// resume reading, open listeners and connections, and set timers. All
+/// callbacks but [`Role::name`], [`Role::start`] and [`Role::on_frame`] have
+/// default implementations that do nothing (or the obvious thing).
+pub trait Role: Send {
+    /// A short name for logs and listings.
+    fn name(&self) -> &str;
+
+    /// Open listeners and initial connections.
+    ///
+    /// # Errors
+    /// Whatever prevents the role from running, typically a
+    /// [`crate::ListenError`] converted with `?`.
+    fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError>;
+
+    /// A connection was accepted on one of this role's listeners.
+    fn on_accept(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        listener: ListenerId,
+        conn: ConnKey,
+        peer: SocketAddr,
+    ) {
+        let _ = (ctx, listener, conn, peer);
+    }
+
+    /// An outbound connection from [`Ctx::connect`] is established.
+    fn on_connected(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        let _ = (ctx, conn);
+    }
+
+    /// An outbound connection failed or timed out before it was established.
+    fn on_connect_failed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        let _ = (ctx, conn, reason);
+    }
+
+    /// A whole frame arrived. `frame` borrows the connection's read buffer and
+    /// is valid only during the call; copy it with [`Ctx::send`] or into a
+    /// `Bytes` to keep it.
+    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>);
+
+    /// The peer shut down its sending side (EOF). The default closes the
+    /// connection once its queue is flushed; a role that supports half-close
+    /// can keep writing instead.
+    fn on_read_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        ctx.close(conn);
+    }
+
+    /// The connection's send queue has drained completely after it had passed
+    /// half its bound, refused a send, or reading was paused.
+    fn on_writable(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        let _ = (ctx, conn);
+    }
+
+    /// The connection is gone; its key is stale from now on.
+    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        let _ = (ctx, conn, reason);
+    }
+
+    /// A timer set with [`Ctx::set_timer`] fired.
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, token: u64) {
+        let _ = (ctx, timer, token);
+    }
+
+    /// A message from another thread ([`crate::Handle::send`]).
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let _ = (ctx, msg);
+    }
+
+    /// The engine is stopping: listeners are already closed and every
+    /// connection will be closed after flushing. Roles may queue final bytes.
+    fn on_shutdown(&mut self, ctx: &mut Ctx<'_>) {
+        let _ = ctx;
+    }
+}
