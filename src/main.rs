@@ -2,6 +2,8 @@
 //! logging, run the engine, and turn the outcome into an exit code
 //! (0 clean stop, 1 runtime failure, 2 bad config or an address in use).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -13,8 +13,9 @@ use bytes::{Buf, Bytes};
 
 /// How many buffers one vectored write gathers at most.
 pub(crate) const MAX_IOV: usize = 64;
-/// A drained queue keeps its chunk table up to this many entries; a larger one
-/// is freed so that a connection that once had a burst does not keep the memory.
+/// A drained queue keeps its chunk and block tables up to this many entries; a
+/// larger one is freed so that a connection that once had a burst does not keep
+/// the memory.
 const KEEP_CHUNKS: usize = 32;
 
 /// A fixed-size byte block with a readable window `start..end`.
@@ -78,6 +79,10 @@ impl Buffer {
         }
     }
 
+    fn has_space(&self) -> bool {
+        self.end < self.data.len() || self.start > 0
+    }
+
     /// Append as much of `src` as fits; returns how much was copied.
     fn append(&mut self, src: &[u8]) -> usize {
         let space = self.space();
@@ -136,7 +141,8 @@ impl BufferPool {
 enum Chunk {
     /// A refcounted buffer, possibly shared with other connections' queues.
     Shared(Bytes),
-    /// The next `n` bytes of the queue's copy buffer.
+    /// The next `n` copied bytes. A `Copied` chunk never spans two blocks, so
+    /// the chunks map onto the blocks in order.
     Copied(usize),
 }
 
@@ -145,10 +151,15 @@ enum Chunk {
 pub(crate) struct QueueFull;
 
 /// A connection's outgoing bytes: shared `Bytes` and copies, in order, bounded.
+///
+/// Copies go into a chain of pooled blocks, so queuing a copy never allocates
+/// once the pool is warm, however far the queue is from its bound.
 #[derive(Debug)]
 pub(crate) struct SendQueue {
     chunks: VecDeque<Chunk>,
-    copies: Option<Buffer>,
+    blocks: VecDeque<Buffer>,
+    /// The last chunk is `Copied` and refers to the back block (may grow).
+    tail_open: bool,
     len: usize,
     limit: usize,
 }
@@ -159,7 +170,8 @@ impl SendQueue {
     pub(crate) fn new(limit: usize) -> SendQueue {
         SendQueue {
             chunks: VecDeque::new(),
-            copies: None,
+            blocks: VecDeque::new(),
+            tail_open: false,
             len: 0,
             limit,
         }
@@ -188,46 +200,55 @@ impl SendQueue {
         }
         self.len += bytes.len();
         self.chunks.push_back(Chunk::Shared(bytes));
+        self.tail_open = false;
         Ok(())
     }
 
-    /// Queue a copy of `src`. The copy goes into a pooled block; only what does
-    /// not fit there (a burst beyond one block) is copied into a new `Bytes`.
+    /// Queue a copy of `src` in pooled blocks.
     pub(crate) fn push_copy(&mut self, src: &[u8], pool: &mut BufferPool) -> Result<(), QueueFull> {
         if src.len() > self.limit - self.len {
             return Err(QueueFull);
         }
-        if src.is_empty() {
-            return Ok(());
-        }
-        let block = self.copies.get_or_insert_with(|| pool.take());
-        let n = block.append(src);
-        if n > 0 {
-            match self.chunks.back_mut() {
-                Some(Chunk::Copied(k)) => *k += n,
+        self.len += src.len();
+        let mut rest = src;
+        while !rest.is_empty() {
+            let back = match self.blocks.back_mut() {
+                Some(b) if b.has_space() => b,
+                _ => {
+                    self.blocks.push_back(pool.take());
+                    self.tail_open = false;
+                    match self.blocks.back_mut() {
+                        Some(b) => b,
+                        None => break,
+                    }
+                }
+            };
+            let n = back.append(rest);
+            match (self.tail_open, self.chunks.back_mut()) {
+                (true, Some(Chunk::Copied(k))) => *k += n,
                 _ => self.chunks.push_back(Chunk::Copied(n)),
             }
+            self.tail_open = true;
+            rest = rest.get(n..).unwrap_or_default();
         }
-        if let Some(rest) = src.get(n..).filter(|r| !r.is_empty()) {
-            self.chunks
-                .push_back(Chunk::Shared(Bytes::copy_from_slice(rest)));
-        }
-        self.len += src.len();
         Ok(())
     }
 
     /// Fill `iov` with the queued bytes in order; returns how many slots are used.
     pub(crate) fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
-        let copied = self.copies.as_ref().map(Buffer::data).unwrap_or_default();
-        let mut copy_pos = 0;
+        let mut blocks = self.blocks.iter();
+        let mut block: &[u8] = blocks.next().map(Buffer::data).unwrap_or_default();
         let mut n = 0;
         for (chunk, slot) in self.chunks.iter().zip(iov.iter_mut()) {
             let bytes: &[u8] = match chunk {
                 Chunk::Shared(b) => b,
                 Chunk::Copied(k) => {
-                    let s = copied.get(copy_pos..copy_pos + k).unwrap_or_default();
-                    copy_pos += k;
-                    s
+                    if block.is_empty() {
+                        block = blocks.next().map(Buffer::data).unwrap_or_default();
+                    }
+                    let (head, tail) = block.split_at((*k).min(block.len()));
+                    block = tail;
+                    head
                 }
             };
             *slot = IoSlice::new(bytes);
@@ -236,8 +257,8 @@ impl SendQueue {
         n
     }
 
-    /// Drop `written` bytes from the front.
-    pub(crate) fn advance(&mut self, mut written: usize) {
+    /// Drop `written` bytes from the front, returning drained blocks to the pool.
+    pub(crate) fn advance(&mut self, mut written: usize, pool: &mut BufferPool) {
         self.len = self.len.saturating_sub(written);
         while written > 0 {
             let Some(front) = self.chunks.front_mut() else {
@@ -254,29 +275,42 @@ impl SendQueue {
                 }
                 Chunk::Copied(k) => {
                     let n = (*k).min(written);
-                    if let Some(c) = self.copies.as_mut() {
-                        c.consume(n);
-                    }
                     *k -= n;
                     written -= n;
                     if *k == 0 {
                         self.chunks.pop_front();
+                        if self.chunks.is_empty() {
+                            self.tail_open = false;
+                        }
+                    }
+                    if let Some(b) = self.blocks.front_mut() {
+                        b.consume(n);
+                        if b.is_empty() && self.blocks.len() > 1 {
+                            if let Some(b) = self.blocks.pop_front() {
+                                pool.give_back(b);
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Give pooled memory back once the queue is empty (idle connections hold none).
+    /// Give pooled memory back once the queue is empty (idle connections hold
+    /// no block; the small chunk tables are kept unless a burst grew them).
     pub(crate) fn release(&mut self, pool: &mut BufferPool) {
         if !self.is_empty() {
             return;
         }
-        if let Some(b) = self.copies.take() {
+        self.tail_open = false;
+        while let Some(b) = self.blocks.pop_front() {
             pool.give_back(b);
         }
         if self.chunks.capacity() > KEEP_CHUNKS {
             self.chunks = VecDeque::new();
+        }
+        if self.blocks.capacity() > KEEP_CHUNKS {
+            self.blocks = VecDeque::new();
         }
     }
 
@@ -293,7 +327,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
-    fn drain(q: &mut SendQueue) -> Vec<u8> {
+    fn drain(q: &mut SendQueue, pool: &mut BufferPool) -> Vec<u8> {
         let mut out = Vec::new();
         while !q.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -309,7 +343,7 @@ mod tests {
                 }
             }
             let w = 3usize.min(q.len());
-            q.advance(w);
+            q.advance(w, pool);
         }
         out
     }
@@ -320,10 +354,12 @@ mod tests {
         let mut q = SendQueue::new(100);
         q.push_copy(b"abc", &mut pool).unwrap();
         q.push_shared(Bytes::from_static(b"DEF")).unwrap();
-        q.push_copy(b"ghijklmnop", &mut pool).unwrap(); // overflows the 8-byte block
-        q.push_copy(b"q", &mut pool).unwrap();
-        assert_eq!(q.len(), 17);
-        assert_eq!(drain(&mut q), b"abcDEFghijklmnopq");
+        q.push_copy(b"ghijklmnopqrstu", &mut pool).unwrap(); // spans three 8-byte blocks
+        q.push_copy(b"v", &mut pool).unwrap();
+        assert_eq!(q.len(), 22);
+        assert_eq!(pool.lent, 3);
+        assert_eq!(drain(&mut q, &mut pool), b"abcDEFghijklmnopqrstuv");
+        assert_eq!(pool.lent, 1, "drained blocks go back as the queue drains");
         q.release(&mut pool);
         assert_eq!(pool.lent, 0);
     }
@@ -347,5 +383,45 @@ mod tests {
         b.consume(3);
         assert_eq!(b.space().len(), 3);
         assert_eq!(b.data(), b"d");
+    }
+
+    proptest::proptest! {
+        /// Any mix of copies, shared buffers and partial writes comes out in order,
+        /// and every block goes back to the pool once the queue is drained.
+        #[test]
+        fn queue_preserves_order(
+            ops in proptest::collection::vec((proptest::prelude::any::<bool>(), 0usize..40), 1..60),
+            write_sizes in proptest::collection::vec(1usize..50, 1..20),
+        ) {
+            let mut pool = BufferPool::new(16, 2);
+            let mut q = SendQueue::new(10_000);
+            let mut expected = Vec::new();
+            let mut out = Vec::new();
+            let mut counter = 0u8;
+            for (i, (shared, len)) in ops.iter().enumerate() {
+                let data: Vec<u8> = (0..*len).map(|_| { counter = counter.wrapping_add(1); counter }).collect();
+                if *shared {
+                    q.push_shared(Bytes::from(data.clone())).unwrap();
+                } else {
+                    q.push_copy(&data, &mut pool).unwrap();
+                }
+                expected.extend_from_slice(&data);
+                // Interleave partial writes with pushes.
+                let w = write_sizes[i % write_sizes.len()].min(q.len());
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let n = q.gather(&mut iov);
+                let mut left = w;
+                for s in &iov[..n] {
+                    let take = s.len().min(left);
+                    out.extend_from_slice(&s[..take]);
+                    left -= take;
+                }
+                q.advance(w - left, &mut pool);
+            }
+            out.extend(drain(&mut q, &mut pool));
+            q.release(&mut pool);
+            proptest::prop_assert_eq!(out, expected);
+            proptest::prop_assert_eq!(pool.lent, 0);
+        }
     }
 }

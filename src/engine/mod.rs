@@ -188,6 +188,7 @@ pub(crate) struct Core {
     config: EngineConfig,
     accept_backoff: Option<TimerKey>,
     limit_logged: bool,
+    accept_error_logged: bool,
     stop_requested: bool,
     shared: Arc<Shared>,
 }
@@ -234,6 +235,7 @@ impl Engine {
             next_generation: 0,
             accept_backoff: None,
             limit_logged: false,
+            accept_error_logged: false,
             stop_requested: false,
             shared,
             config,
@@ -441,6 +443,10 @@ impl Engine {
             match l.sock.accept() {
                 Ok((sock, peer)) => {
                     let (role, opts) = (l.role, l.opts);
+                    if self.core.accept_error_logged {
+                        self.core.accept_error_logged = false;
+                        info!("accepting again on {}", l.local);
+                    }
                     if opts.nodelay {
                         sock.set_nodelay(true).ok();
                     }
@@ -488,10 +494,15 @@ impl Engine {
                         Stats::add(&self.core.shared.stats.accept_paused_fd_total, 1);
                     }
                     let backoff = self.core.config.accept_backoff;
-                    warn!(
-                        "accept on {} failed: {e}; accepting paused for {backoff:?}",
-                        l.local
-                    );
+                    if self.core.accept_error_logged {
+                        debug!("accept on {} failed again: {e}", l.local);
+                    } else {
+                        self.core.accept_error_logged = true;
+                        warn!(
+                            "accept on {} failed: {e}; accepting paused for {backoff:?} at a time",
+                            l.local
+                        );
+                    }
                     let at = self.core.now + backoff;
                     self.core.accept_backoff =
                         Some(self.core.timers.insert(at, TimerOwner::AcceptBackoff));
@@ -598,6 +609,11 @@ impl Engine {
         for _ in 0..MAX_LOOP_ITERATIONS {
             if !self.dispatch(idx, key, role, &mut rx) {
                 break;
+            }
+            // Write what the frames produced before reading more, so the
+            // queue stays short and its blocks are reused.
+            if self.core.conns.get(idx).is_some_and(|c| !c.tx.is_empty()) {
+                self.flush(idx);
             }
             let Some(c) = self.core.conns.get_mut(idx) else {
                 break;
@@ -737,7 +753,7 @@ impl Engine {
                 }
                 Ok(w) => {
                     trace!("{key} wrote {w} bytes");
-                    c.tx.advance(w);
+                    c.tx.advance(w, &mut core.pool);
                     Stats::add(&core.shared.stats.bytes_out_total, w as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
