@@ -285,10 +285,11 @@ impl SendQueue {
                     }
                     if let Some(b) = self.blocks.front_mut() {
                         b.consume(n);
-                        if b.is_empty() && self.blocks.len() > 1 {
-                            if let Some(b) = self.blocks.pop_front() {
-                                pool.give_back(b);
-                            }
+                        if b.is_empty()
+                            && self.blocks.len() > 1
+                            && let Some(b) = self.blocks.pop_front()
+                        {
+                            pool.give_back(b);
                         }
                     }
                 }
