@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
         _ => Framing::U32 { max },
     };
     let sizes = sizes.map(|b| usize::from(b) + 1);
-    assert_eq!(decode_chunked(framing, stream, &sizes), decode_whole(framing, stream));
+    assert_eq!(
+        decode_chunked(framing, stream, &sizes),
+        decode_whole(framing, stream)
+    );
 });
 
 /// Decode `input` handed over in one piece.
@@ -63,7 +66,10 @@ fn decode_chunked(framing: Framing, mut input: &[u8], sizes: &[usize]) -> Outcom
             break;
         }
         let room = capacity - buf.len();
-        assert!(room > 0, "decoder wants more than {capacity} buffered bytes");
+        assert!(
+            room > 0,
+            "decoder wants more than {capacity} buffered bytes"
+        );
         let (read, rest) = input.split_at(size.min(room).min(input.len()));
         buf.extend_from_slice(read);
         input = rest;
