@@ -1,0 +1,191 @@
+//! The `switchboard` command: version, `check`, exit codes, and a graceful
+//! stop on SIGTERM.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use util::{Captured, ChildGuard, bin, connect, send_signal, temp_file, wait_child};
+
+const EXIT_CONFIG: i32 = 2;
+
+/// Run the binary to completion (bounded), stdin null, output captured.
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let out = Captured::new(child.stdout.take().unwrap());
+    let err = Captured::new(child.stderr.take().unwrap());
+    let status = wait_child(&mut child, Duration::from_secs(20));
+    Output {
+        status,
+        stdout: out.finish().into_bytes(),
+        stderr: err.finish().into_bytes(),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = run(&["--version"]);
+    assert!(out.status.success(), "{:?}", out.status);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        format!("switchboard {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_accepts_a_good_file_and_lists_its_roles() {
+    let cfg = temp_file(
+        "good.toml",
+        "[engine]\nmax_connections = 64\n\n[[echo]]\nname = \"alpha\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"30s\"\n\n[[echo]]\nname = \"beta\"\nlisten = \"127.0.0.1:7007\"\n",
+    );
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("ok"), "{stdout}");
+    assert!(stdout.contains("max_connections=64"), "{stdout}");
+    assert!(
+        stdout.contains("echo 'alpha': listen 127.0.0.1:0, idle_timeout 30s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("echo 'beta': listen 127.0.0.1:7007, no idle timeout"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_rejects_bad_files_naming_the_key() {
+    let cases = [
+        (
+            "unknown-key.toml",
+            "[engine]\nmax_conections = 5\n",
+            &["max_conections"][..],
+        ),
+        (
+            "bad-duration.toml",
+            "[[echo]]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"5 parsecs\"\n",
+            &["idle_timeout", "invalid duration"][..],
+        ),
+        (
+            "bad-address.toml",
+            "[[echo]]\nlisten = \"localhost:port\"\n",
+            &["listen"][..],
+        ),
+        (
+            "bad-bound.toml",
+            "[engine]\nbuffer_bytes = 65536\nqueue_bytes = 65536\n",
+            &["engine.queue_bytes"][..],
+        ),
+    ];
+    for (name, body, needles) in cases {
+        let cfg = temp_file(name, body);
+        let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{name}: {stderr}");
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{name}: stderr lacks {needle:?}: {stderr}"
+            );
+        }
+        assert!(
+            stderr.contains(name),
+            "{name}: stderr does not name the file: {stderr}"
+        );
+    }
+    // A missing file is a config error too.
+    let out = run(&["check", "-c", "/nonexistent/switchboard.toml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    assert!(text(&out.stderr).contains("/nonexistent/switchboard.toml"));
+}
+
+#[test]
+fn run_exits_2_naming_an_address_already_in_use() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = temp_file(
+        "in-use.toml",
+        &format!("[[echo]]\nname = \"busy\"\nlisten = \"{addr}\"\n"),
+    );
+    let out = run(&["run", "-c", cfg.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{stderr}");
+    assert!(
+        stderr.contains(&addr.to_string()),
+        "address not named: {stderr}"
+    );
+    drop(taken);
+}
+
+#[test]
+fn run_serves_then_stops_cleanly_on_sigterm() {
+    let cfg = temp_file(
+        "sigterm.toml",
+        "[[echo]]\nname = \"front\"\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let child = Command::new(bin())
+        .args(["--log-level", "info", "run", "-c", cfg.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut child = ChildGuard(child);
+    let log = Captured::new(child.0.stderr.take().unwrap());
+    const MARK: &str = "echo 'front' listening on ";
+    let ready = log.wait_for(Duration::from_secs(20), |t| {
+        t.lines().any(|l| l.contains(MARK))
+    });
+    assert!(ready, "no listening line in the log: {}", log.text());
+    let text = log.text();
+    let line = text.lines().find(|l| l.contains(MARK)).unwrap();
+    let addr: SocketAddr = line[line.find(MARK).unwrap() + MARK.len()..]
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+
+    // It really serves there.
+    let mut s = connect(addr);
+    s.write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+
+    send_signal(child.id(), "TERM");
+    // The open client is closed by the graceful stop.
+    let mut buf = [0u8; 8];
+    assert_eq!(s.read(&mut buf).unwrap(), 0, "client not closed on stop");
+    let status = child.wait(Duration::from_secs(15));
+    let log = log.finish();
+    assert_eq!(status.code(), Some(0), "{status}: {log}");
+    assert!(log.contains(&format!("{MARK}{addr}")), "{log}");
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(log.contains("engine stopped"), "{log}");
+}

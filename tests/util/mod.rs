@@ -1,0 +1,399 @@
+//! Helpers shared by the integration tests (after tokio-rs/mio `tests/util/mod.rs`).
+//!
+//! Every test binary includes this module with `mod util;` and uses a different
+//! subset of it, hence the `dead_code` allowance.
+//!
+//! Rules the helpers enforce so that no test can hang: every socket gets read and
+//! write timeouts, every wait has a deadline, and an engine started here is
+//! stopped and its thread joined (with a deadline) when its guard is dropped.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers fail the test loudly"
+)]
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ExitStatus};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use switchboard::{Config, Engine, EngineError, Handle, StatsSnapshot};
+
+/// Read/write timeout put on every client socket by [`connect`].
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dropping a [`TestEngine`] waits for the engine thread to finish.
+pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// An engine running on its own thread. Dropping it stops the engine and joins
+/// the thread (failing the test if that takes longer than [`JOIN_TIMEOUT`]).
+pub(crate) struct TestEngine {
+    /// The bound listener addresses, in role order (real ports).
+    pub(crate) addrs: Vec<SocketAddr>,
+    /// A handle to the running engine.
+    pub(crate) handle: Handle,
+    thread: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl TestEngine {
+    /// Parse `toml`, start the engine (binding its listeners) and run it on a
+    /// new thread.
+    pub(crate) fn start(toml: &str) -> TestEngine {
+        let config = Config::parse(toml).unwrap_or_else(|e| panic!("bad test config: {e}"));
+        let mut engine = Engine::from_config(&config).expect("engine");
+        engine.start().expect("engine start");
+        let addrs = engine.listeners().iter().map(|l| l.addr).collect();
+        let handle = engine.handle();
+        let thread = thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || engine.run())
+            .expect("spawn engine thread");
+        TestEngine {
+            addrs,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    /// The first listener's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// A snapshot of the engine's counters.
+    pub(crate) fn stats(&self) -> StatsSnapshot {
+        self.handle.stats()
+    }
+
+    /// Wait (bounded) for the engine thread to return, after a stop was asked
+    /// for; fails the test if `run` returned an error or did not return in time.
+    pub(crate) fn join(&mut self, timeout: Duration) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let finished = wait_until(timeout, || thread.is_finished());
+        assert!(finished, "engine thread did not return within {timeout:?}");
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("engine run failed: {e}"),
+            Err(_) => panic!("engine thread panicked"),
+        }
+    }
+
+    /// Stop the engine and join its thread.
+    pub(crate) fn stop(mut self) {
+        self.handle.stop();
+        self.join(JOIN_TIMEOUT);
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.handle.stop();
+        if wait_until(JOIN_TIMEOUT, || thread.is_finished()) {
+            let result = thread.join();
+            if !thread::panicking() {
+                assert!(
+                    matches!(result, Ok(Ok(()))),
+                    "engine thread failed: {result:?}"
+                );
+            }
+        } else if thread::panicking() {
+            // Already failing: leak the thread rather than abort on a double panic.
+            eprintln!("engine thread did not stop within {JOIN_TIMEOUT:?}; leaking it");
+        } else {
+            panic!("engine thread did not stop within {JOIN_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Poll `cond` every millisecond or so until it holds or `timeout` passes;
+/// returns whether it held.
+pub(crate) fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return cond();
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// [`wait_until`], failing the test with `what` and `detail()` on timeout.
+pub(crate) fn wait_for<D: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    cond: impl FnMut() -> bool,
+    detail: impl FnOnce() -> D,
+) {
+    if !wait_until(timeout, cond) {
+        panic!(
+            "timed out after {timeout:?} waiting for {what}: {:?}",
+            detail()
+        );
+    }
+}
+
+/// Connect to `addr` with [`IO_TIMEOUT`] on connect, reads and writes.
+pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Whether `e` is what a blocking socket returns when its timeout expires.
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Read until EOF (bounded by the socket's read timeout); returns everything
+/// read. Fails the test on a timeout or error.
+pub(crate) fn read_to_eof(s: &mut TcpStream, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                assert!(out.len() <= limit, "read more than {limit} bytes");
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read failed after {} bytes: {e}", out.len()),
+        }
+    }
+}
+
+// ----- deterministic pseudo-random payloads -----
+
+/// Length of the shared pattern table: a prime, so that no buffer or window
+/// size lines up with its period and a reordered, repeated or dropped chunk
+/// shows up as a mismatch.
+const PATTERN_LEN: usize = 1_048_573;
+
+fn pattern_table() -> &'static [u8] {
+    static TABLE: OnceLock<Box<[u8]>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        // xorshift64*: fixed seed, so every run sends the same bytes.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        (0..PATTERN_LEN)
+            .map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+            })
+            .collect()
+    })
+}
+
+/// An endless deterministic pseudo-random byte stream; `Pattern::new(seed)`
+/// gives each connection its own stream. Byte `i` of the stream is a pure
+/// function of `(seed, i)`, so writer and reader need no shared state.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pattern {
+    start: usize,
+}
+
+impl Pattern {
+    pub(crate) fn new(seed: u64) -> Pattern {
+        let start = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % PATTERN_LEN as u64;
+        Pattern {
+            start: start as usize,
+        }
+    }
+
+    /// A contiguous piece of the stream starting at `offset`, at most `max`
+    /// bytes (possibly fewer: it ends at the table's wrap-around). Zero-copy.
+    pub(crate) fn chunk(&self, offset: u64, max: usize) -> &'static [u8] {
+        let table = pattern_table();
+        let at = ((self.start as u64 + offset) % PATTERN_LEN as u64) as usize;
+        let end = at + max.min(PATTERN_LEN - at);
+        &table[at..end]
+    }
+
+    /// Fill `buf` with the stream from `offset`.
+    pub(crate) fn fill(&self, mut offset: u64, mut buf: &mut [u8]) {
+        while !buf.is_empty() {
+            let c = self.chunk(offset, buf.len());
+            let (head, rest) = buf.split_at_mut(c.len());
+            head.copy_from_slice(c);
+            buf = rest;
+            offset += c.len() as u64;
+        }
+    }
+
+    /// Check `data` against the stream from `offset`; `Err(i)` names the
+    /// stream offset of the first wrong byte.
+    pub(crate) fn check(&self, mut offset: u64, mut data: &[u8]) -> Result<(), u64> {
+        while !data.is_empty() {
+            let c = self.chunk(offset, data.len());
+            let (head, rest) = data.split_at(c.len());
+            if head != c {
+                let i = head.iter().zip(c).position(|(a, b)| a != b).unwrap_or(0);
+                return Err(offset + i as u64);
+            }
+            data = rest;
+            offset += c.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+// ----- child processes (the `switchboard` binary) -----
+
+/// Path of the `switchboard` binary built for these tests.
+pub(crate) fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchboard")
+}
+
+/// Write `text` to a fresh file under the target's test scratch directory.
+pub(crate) fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(format!("{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A child process that is killed (by its own pid) and reaped if the test
+/// fails before it exits, so a failed test leaves no server running.
+pub(crate) struct ChildGuard(pub(crate) Child);
+
+impl ChildGuard {
+    /// The child's pid.
+    pub(crate) fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// [`wait_child`] on the guarded child.
+    pub(crate) fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.0, timeout)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+}
+
+/// Wait for `child` to exit, at most `timeout`; on timeout kill it (by its own
+/// pid) and fail the test.
+pub(crate) fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let mut status = None;
+    let exited = wait_until(timeout, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    if !exited {
+        child.kill().ok();
+        child.wait().ok();
+        panic!("child {} did not exit within {timeout:?}", child.id());
+    }
+    status.expect("exit status")
+}
+
+/// Collects a child's stderr on a thread so the pipe never fills up.
+pub(crate) struct Captured {
+    text: Arc<Mutex<String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Captured {
+    pub(crate) fn new(mut pipe: impl Read + Send + 'static) -> Captured {
+        let text = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&text);
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        });
+        Captured {
+            text,
+            thread: Some(thread),
+        }
+    }
+
+    /// Everything captured so far.
+    pub(crate) fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Wait until the captured text satisfies `cond`; returns whether it did.
+    pub(crate) fn wait_for(&self, timeout: Duration, cond: impl Fn(&str) -> bool) -> bool {
+        wait_until(timeout, || cond(&self.text.lock().unwrap()))
+    }
+
+    /// Everything, after the writer closed the pipe (call after the child exited).
+    pub(crate) fn finish(mut self) -> String {
+        if let Some(t) = self.thread.take() {
+            // The child has exited, so the pipe is at EOF (unless a grandchild
+            // kept it open: then give up after a bound rather than hang).
+            if wait_until(Duration::from_secs(5), || t.is_finished()) {
+                t.join().ok();
+            }
+        }
+        self.text()
+    }
+}
+
+/// Send `signal` (like "TERM") to process `pid` with the `kill` command.
+pub(crate) fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (bind port 0, read it, drop).
+pub(crate) fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// `engine.stats()` differences are easier to read as one line.
+pub(crate) fn brief(s: &StatsSnapshot) -> String {
+    format!(
+        "conns={} accepted={} closed={} in={} out={} lent={} paused_limit={} paused_fd={} idle={} turns={}",
+        s.connections,
+        s.accepted_total,
+        s.closed_total,
+        s.bytes_in_total,
+        s.bytes_out_total,
+        s.buffers_lent,
+        s.accept_paused_limit_total,
+        s.accept_paused_fd_total,
+        s.idle_timeouts_total,
+        s.turns_total,
+    )
+}
