@@ -8,19 +8,25 @@
 //! - latency: one connection, 64-byte round trips (write 64, read 64 back),
 //!   after a warm-up; p50, p99 and p99.9.
 //!
+//! On Linux it also reports the server's CPU time per GiB echoed (from
+//! `/proc/<tid>/schedstat`: the engine thread; the sum of the std server's
+//! per-connection threads), which tells a slow server from a starved one.
+//!
 //! The servers run alternately (engine, std, engine, std); the best repeat of
 //! each is compared with the targets: engine throughput >= 0.8 x std and engine
 //! p50 <= std p50 + 10 us. Criterion cannot report percentiles, hence this
 //! plain `main`. `SWITCHBOARD_BENCH_QUICK=1` shrinks every volume (~16 MiB per
-//! throughput run, 5,000 round trips) so CI can run it in seconds. Unknown
-//! command-line arguments (cargo passes `--bench`) are ignored.
+//! throughput run, 5,000 round trips) so CI can run it in seconds. Without
+//! `--bench` on the command line (`cargo test --benches`) the quick mode is
+//! used too, as Criterion does; other arguments are ignored.
 //! `SWITCHBOARD_BENCH_ONLY=engine` (or `std`) runs one server only, for profiling.
 
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -38,6 +44,14 @@ const MIB: f64 = 1024.0 * 1024.0;
 const REPEATS: usize = 2;
 /// A client read that waits this long means a stalled server: fail, don't hang.
 const STALL: Duration = Duration::from_secs(30);
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// `SWITCHBOARD_BENCH_QUICK=1`, or not run by `cargo bench` (which passes
+/// `--bench`; `cargo test --benches` does not). Other arguments are ignored.
+fn quick_mode() -> bool {
+    std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0")
+        || !std::env::args().skip(1).any(|a| a == "--bench")
+}
 
 /// Volumes for one run of the bench.
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +67,7 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Plan {
-        let quick = std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0");
+        let quick = quick_mode();
         if quick {
             Plan {
                 quick,
@@ -82,11 +96,20 @@ struct Latency {
     p999: f64,
 }
 
+/// One throughput run.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    /// MiB/s echoed, over all connections.
+    mib_s: f64,
+    /// Server CPU seconds per GiB echoed (Linux only).
+    cpu_s_per_gib: Option<f64>,
+}
+
 /// Everything measured against one server in one repeat.
 #[derive(Debug, Clone, Copy)]
 struct Figures {
-    single: f64,
-    multi: f64,
+    single: Throughput,
+    multi: Throughput,
     latency: Latency,
 }
 
@@ -112,12 +135,37 @@ enum Server {
         addr: SocketAddr,
         handle: Handle,
         thread: JoinHandle<std::result::Result<(), EngineError>>,
+        /// `/proc/<pid>/task/<tid>` of the engine thread, once it has started.
+        task: Arc<OnceLock<PathBuf>>,
     },
     Std {
         addr: SocketAddr,
         stop: Arc<AtomicBool>,
         thread: JoinHandle<()>,
+        cpu: Arc<StdCpu>,
     },
+}
+
+/// CPU accounting of the std server's per-connection threads: each adds its
+/// own CPU time when it ends.
+#[derive(Debug, Default)]
+struct StdCpu {
+    live: AtomicUsize,
+    ended_ns: AtomicU64,
+    unknown: AtomicBool,
+}
+
+/// CPU time a thread has run, from `<task>/schedstat` (Linux).
+fn task_cpu_ns(task: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// `/proc/<pid>/task/<tid>` of the calling thread (Linux).
+fn this_task() -> Option<PathBuf> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .map(|p| Path::new("/proc").join(p))
 }
 
 // ===== impl Server =====
@@ -135,24 +183,38 @@ impl Server {
                     .map(|l| l.addr)
                     .ok_or("the engine opened no listener")?;
                 let handle = engine.handle();
+                let task = Arc::new(OnceLock::new());
+                let me = Arc::clone(&task);
                 let thread = thread::Builder::new()
                     .name("engine".into())
-                    .spawn(move || engine.run())?;
+                    .spawn(move || {
+                        if let Some(t) = this_task() {
+                            me.set(t).ok();
+                        }
+                        engine.run()
+                    })?;
                 Ok(Server::Engine {
                     addr,
                     handle,
                     thread,
+                    task,
                 })
             }
             Kind::Std => {
                 let listener = TcpListener::bind("127.0.0.1:0")?;
                 let addr = listener.local_addr()?;
                 let stop = Arc::new(AtomicBool::new(false));
-                let flag = Arc::clone(&stop);
+                let cpu = Arc::new(StdCpu::default());
+                let (flag, acct) = (Arc::clone(&stop), Arc::clone(&cpu));
                 let thread = thread::Builder::new()
                     .name("std-accept".into())
-                    .spawn(move || std_accept_loop(&listener, &flag))?;
-                Ok(Server::Std { addr, stop, thread })
+                    .spawn(move || std_accept_loop(&listener, &flag, &acct))?;
+                Ok(Server::Std {
+                    addr,
+                    stop,
+                    thread,
+                    cpu,
+                })
             }
         }
     }
@@ -163,13 +225,41 @@ impl Server {
         }
     }
 
+    /// CPU time the server has used so far, or `None` where it cannot be read.
+    /// For the std server this waits until its connection threads have ended.
+    fn cpu_ns(&self) -> Option<u64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match self {
+            Server::Engine { task, .. } => {
+                while task.get().is_none() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                task_cpu_ns(task.get()?)
+            }
+            Server::Std { cpu, .. } => {
+                while cpu.live.load(Ordering::SeqCst) > 0 {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                if cpu.unknown.load(Ordering::SeqCst) {
+                    return None;
+                }
+                Some(cpu.ended_ns.load(Ordering::SeqCst))
+            }
+        }
+    }
+
     fn stop(self) -> Result<()> {
         match self {
             Server::Engine { handle, thread, .. } => {
                 handle.stop();
                 thread.join().map_err(|_| "engine thread panicked")??;
             }
-            Server::Std { addr, stop, thread } => {
+            Server::Std {
+                addr, stop, thread, ..
+            } => {
                 stop.store(true, Ordering::SeqCst);
                 // Wake the blocking accept.
                 drop(TcpStream::connect(addr));
@@ -181,7 +271,7 @@ impl Server {
 }
 
 /// The reference server: one thread per connection, read 64 KiB, write it all back.
-fn std_accept_loop(listener: &TcpListener, stop: &AtomicBool) {
+fn std_accept_loop(listener: &TcpListener, stop: &AtomicBool, cpu: &Arc<StdCpu>) {
     for sock in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -189,22 +279,26 @@ fn std_accept_loop(listener: &TcpListener, stop: &AtomicBool) {
         let Ok(mut sock) = sock else { continue };
         // Same socket options as the engine's echo role (TCP_NODELAY on accept).
         sock.set_nodelay(true).ok();
+        cpu.live.fetch_add(1, Ordering::SeqCst);
+        let acct = Arc::clone(cpu);
         let spawned = thread::Builder::new()
             .name("std-conn".into())
             .spawn(move || {
                 let mut buf = vec![0u8; CHUNK];
-                loop {
-                    match sock.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if sock.write_all(buf.get(..n).unwrap_or_default()).is_err() {
-                                return;
-                            }
-                        }
+                while let Ok(n @ 1..) = sock.read(&mut buf) {
+                    if sock.write_all(buf.get(..n).unwrap_or_default()).is_err() {
+                        break;
                     }
                 }
+                if let Some(ns) = this_task().and_then(|t| task_cpu_ns(&t)) {
+                    acct.ended_ns.fetch_add(ns, Ordering::SeqCst);
+                } else {
+                    acct.unknown.store(true, Ordering::SeqCst);
+                }
+                acct.live.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            cpu.live.fetch_sub(1, Ordering::SeqCst);
             eprintln!("std server: cannot spawn a connection thread: {e}");
         }
     }
@@ -219,8 +313,11 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
 }
 
 /// `conns` connections each send `per_conn` bytes in 64 KiB writes; a reader per
-/// connection counts the echo. Returns MiB/s of echoed bytes over all connections.
-fn throughput(addr: SocketAddr, conns: usize, per_conn: usize) -> Result<f64> {
+/// connection counts the echo. Measures MiB/s of echoed bytes over all
+/// connections and the server's CPU time for them.
+fn throughput(server: &Server, conns: usize, per_conn: usize) -> Result<Throughput> {
+    let addr = server.addr();
+    let cpu_before = server.cpu_ns();
     let start = Arc::new(Barrier::new(2 * conns + 1));
     let mut threads: Vec<JoinHandle<Result<usize>>> = Vec::with_capacity(2 * conns);
     for _ in 0..conns {
@@ -271,7 +368,14 @@ fn throughput(addr: SocketAddr, conns: usize, per_conn: usize) -> Result<f64> {
     if echoed != want {
         return Err(format!("echoed {echoed} bytes, sent {want}").into());
     }
-    Ok(echoed as f64 / MIB / secs)
+    let cpu_s = match (cpu_before, server.cpu_ns()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e9),
+        _ => None,
+    };
+    Ok(Throughput {
+        mib_s: echoed as f64 / MIB / secs,
+        cpu_s_per_gib: cpu_s.map(|c| c / (echoed as f64 / GIB)),
+    })
 }
 
 /// Nearest-rank percentile of sorted samples (nanoseconds), in microseconds.
@@ -312,10 +416,9 @@ fn latency(addr: SocketAddr, warmup: usize, n: usize) -> Result<Latency> {
 
 fn run_one(kind: Kind, plan: &Plan) -> Result<Figures> {
     let server = Server::start(kind)?;
-    let addr = server.addr();
-    let single = throughput(addr, 1, plan.single_bytes)?;
-    let multi = throughput(addr, 8, plan.multi_bytes)?;
-    let latency = latency(addr, plan.warmup, plan.round_trips)?;
+    let single = throughput(&server, 1, plan.single_bytes)?;
+    let multi = throughput(&server, 8, plan.multi_bytes)?;
+    let latency = latency(server.addr(), plan.warmup, plan.round_trips)?;
     server.stop()?;
     Ok(Figures {
         single,
@@ -324,12 +427,25 @@ fn run_one(kind: Kind, plan: &Plan) -> Result<Figures> {
     })
 }
 
-/// Best throughputs over the repeats; latency from the repeat with the lowest p50.
+/// The faster run, with the lower CPU cost of the two.
+fn best_throughput(a: Throughput, b: Throughput) -> Throughput {
+    let cpu = match (a.cpu_s_per_gib, b.cpu_s_per_gib) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    Throughput {
+        mib_s: a.mib_s.max(b.mib_s),
+        cpu_s_per_gib: cpu,
+    }
+}
+
+/// Best throughputs (and lowest CPU cost) over the repeats; latency from the
+/// repeat with the lowest p50.
 fn best(runs: &[Figures]) -> Option<Figures> {
     let first = *runs.first()?;
     Some(runs.iter().fold(first, |b, r| Figures {
-        single: b.single.max(r.single),
-        multi: b.multi.max(r.multi),
+        single: best_throughput(b.single, r.single),
+        multi: best_throughput(b.multi, r.multi),
         latency: if r.latency.p50 < b.latency.p50 {
             r.latency
         } else {
@@ -342,9 +458,13 @@ fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "MISSED" }
 }
 
+/// `1.23 s/GiB`, or `n/a` where the CPU time could not be read.
+fn cpu_text(t: Throughput) -> String {
+    t.cpu_s_per_gib
+        .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2} s/GiB"))
+}
+
 fn main() -> Result<()> {
-    // `cargo bench` passes `--bench` (and perhaps a filter): nothing to configure.
-    let _ignored: Vec<String> = std::env::args().skip(1).collect();
     let plan = Plan::from_env();
     println!(
         "engine_loopback ({} mode): throughput C=1 {} MiB, C=8 {} x {} MiB, {} KiB writes; \
@@ -359,8 +479,6 @@ fn main() -> Result<()> {
         plan.warmup,
         REPEATS,
     );
-    let mut engine_runs = Vec::with_capacity(REPEATS);
-    let mut std_runs = Vec::with_capacity(REPEATS);
     // SWITCHBOARD_BENCH_ONLY=engine|std runs one server only (for profiling).
     let only = std::env::var("SWITCHBOARD_BENCH_ONLY").unwrap_or_default();
     let kinds: Vec<Kind> = [Kind::Engine, Kind::Std]
@@ -371,15 +489,19 @@ fn main() -> Result<()> {
             _ => true,
         })
         .collect();
+    let mut engine_runs = Vec::with_capacity(REPEATS);
+    let mut std_runs = Vec::with_capacity(REPEATS);
     for rep in 1..=REPEATS {
         for &kind in &kinds {
             let f = run_one(kind, &plan)?;
             println!(
-                "  run {rep} {:<12} C=1 {:>8.1} MiB/s  C=8 {:>8.1} MiB/s  \
-                 p50 {:>6.1} us  p99 {:>6.1} us  p99.9 {:>6.1} us",
+                "  run {rep} {:<12} C=1 {:>7.1} MiB/s ({})  C=8 {:>7.1} MiB/s ({})  \
+                 p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us",
                 kind.name(),
-                f.single,
-                f.multi,
+                f.single.mib_s,
+                cpu_text(f.single),
+                f.multi.mib_s,
+                cpu_text(f.multi),
                 f.latency.p50,
                 f.latency.p99,
                 f.latency.p999,
@@ -395,17 +517,17 @@ fn main() -> Result<()> {
         return Ok(());
     };
     println!();
-    println!("best of {REPEATS}:");
+    println!("best of {REPEATS} (server CPU per GiB echoed in brackets, lower is better):");
     println!(
-        "  {:<12} {:>14} {:>14} {:>10} {:>10} {:>10}",
+        "  {:<12} {:>26} {:>26} {:>8} {:>8} {:>9}",
         "server", "C=1 MiB/s", "C=8 MiB/s", "p50 us", "p99 us", "p99.9 us"
     );
     for (kind, f) in [(Kind::Engine, e), (Kind::Std, s)] {
         println!(
-            "  {:<12} {:>14.1} {:>14.1} {:>10.1} {:>10.1} {:>10.1}",
+            "  {:<12} {:>26} {:>26} {:>8.1} {:>8.1} {:>9.1}",
             kind.name(),
-            f.single,
-            f.multi,
+            format!("{:.1} ({})", f.single.mib_s, cpu_text(f.single)),
+            format!("{:.1} ({})", f.multi.mib_s, cpu_text(f.multi)),
             f.latency.p50,
             f.latency.p99,
             f.latency.p999,
@@ -414,9 +536,13 @@ fn main() -> Result<()> {
     println!();
     println!("targets:");
     for (label, eng, std) in [("C=1", e.single, s.single), ("C=8", e.multi, s.multi)] {
-        let ratio = eng / std;
+        let ratio = eng.mib_s / std.mib_s;
+        let cpu_ratio = match (eng.cpu_s_per_gib, std.cpu_s_per_gib) {
+            (Some(a), Some(b)) if b > 0.0 => format!("; CPU per byte engine/std = {:.2}", a / b),
+            _ => String::new(),
+        };
         println!(
-            "  throughput {label}: engine/std = {ratio:.2} (target >= 0.80)  {}",
+            "  throughput {label}: engine/std = {ratio:.2} (target >= 0.80)  {}{cpu_ratio}",
             verdict(ratio >= 0.8)
         );
     }

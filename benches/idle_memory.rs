@@ -13,8 +13,8 @@
 //!
 //! The slab of connections grows by doubling, so the figure includes its slack
 //! (10,000 connections sit in 16,384 slots). `SWITCHBOARD_BENCH_QUICK=1` uses
-//! 2,000 connections. Unknown command-line
-//! arguments (cargo passes `--bench`) are ignored.
+//! 2,000 connections, and so does a run without `--bench` on the command line
+//! (`cargo test --benches`), as Criterion does; other arguments are ignored.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::error::Error;
@@ -127,9 +127,10 @@ fn main() -> Result<()> {
     if let Ok(addr) = std::env::var(HOLDER_ENV) {
         return hold_clients(&addr);
     }
-    // `cargo bench` passes `--bench` (and perhaps a filter): nothing to configure.
-    let _ignored: Vec<String> = std::env::args().skip(1).collect();
-    let quick = std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0");
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not. Other
+    // arguments are ignored.
+    let quick = std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0")
+        || !std::env::args().skip(1).any(|a| a == "--bench");
     let n = if quick { N_QUICK } else { N_FULL };
 
     let baseline = live();

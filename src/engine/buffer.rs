@@ -79,6 +79,16 @@ impl Buffer {
         }
     }
 
+    /// Keep only the first `n` unconsumed bytes.
+    pub(crate) fn truncate(&mut self, n: usize) {
+        self.end = self.start + n.min(self.len());
+    }
+
+    /// Copy `src` in; returns how much fitted.
+    pub(crate) fn extend(&mut self, src: &[u8]) -> usize {
+        self.append(src)
+    }
+
     fn has_space(&self) -> bool {
         self.end < self.data.len() || self.start > 0
     }
@@ -144,6 +154,10 @@ enum Chunk {
     /// The next `n` copied bytes. A `Copied` chunk never spans two blocks, so
     /// the chunks map onto the blocks in order.
     Copied(usize),
+    /// A whole read buffer moved here instead of copied ([`SendQueue::push_pending`]).
+    Moved(Buffer),
+    /// Room for `n` bytes that a `Moved` buffer fills before the next write.
+    Pending(usize),
 }
 
 /// The send queue was full; nothing was queued.
@@ -204,6 +218,36 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Reserve `n` bytes at the back for a buffer that [`SendQueue::fill_pending`]
+    /// moves in later in the same turn (before any write).
+    pub(crate) fn push_pending(&mut self, n: usize) -> Result<(), QueueFull> {
+        if n > self.limit - self.len {
+            return Err(QueueFull);
+        }
+        self.len += n;
+        self.chunks.push_back(Chunk::Pending(n));
+        self.tail_open = false;
+        Ok(())
+    }
+
+    /// Put `buf` where the last pending reservation is; gives it back (to be
+    /// returned to the pool) if the reservation is gone (the queue was cleared).
+    pub(crate) fn fill_pending(&mut self, buf: Buffer) -> Result<(), Buffer> {
+        let len = buf.len();
+        let slot = self
+            .chunks
+            .iter_mut()
+            .rev()
+            .find(|c| matches!(c, Chunk::Pending(_)));
+        match slot {
+            Some(c) if matches!(*c, Chunk::Pending(n) if n == len) => {
+                *c = Chunk::Moved(buf);
+                Ok(())
+            }
+            _ => Err(buf),
+        }
+    }
+
     /// Queue a copy of `src` in pooled blocks.
     pub(crate) fn push_copy(&mut self, src: &[u8], pool: &mut BufferPool) -> Result<(), QueueFull> {
         if src.len() > self.limit - self.len {
@@ -242,6 +286,8 @@ impl SendQueue {
         for (chunk, slot) in self.chunks.iter().zip(iov.iter_mut()) {
             let bytes: &[u8] = match chunk {
                 Chunk::Shared(b) => b,
+                Chunk::Moved(b) => b.data(),
+                Chunk::Pending(_) => break,
                 Chunk::Copied(k) => {
                     if block.is_empty() {
                         block = blocks.next().map(Buffer::data).unwrap_or_default();
@@ -273,6 +319,17 @@ impl SendQueue {
                         self.chunks.pop_front();
                     }
                 }
+                Chunk::Moved(b) => {
+                    let n = b.len().min(written);
+                    b.consume(n);
+                    written -= n;
+                    if b.is_empty()
+                        && let Some(Chunk::Moved(b)) = self.chunks.pop_front()
+                    {
+                        pool.give_back(b);
+                    }
+                }
+                Chunk::Pending(_) => break,
                 Chunk::Copied(k) => {
                     let n = (*k).min(written);
                     *k -= n;
@@ -317,7 +374,11 @@ impl SendQueue {
 
     /// Drop everything (on close), giving pooled memory back.
     pub(crate) fn clear(&mut self, pool: &mut BufferPool) {
-        self.chunks.clear();
+        for chunk in self.chunks.drain(..) {
+            if let Chunk::Moved(b) = chunk {
+                pool.give_back(b);
+            }
+        }
         self.len = 0;
         self.release(pool);
     }
@@ -384,6 +445,35 @@ mod tests {
         b.consume(3);
         assert_eq!(b.space().len(), 3);
         assert_eq!(b.data(), b"d");
+    }
+
+    #[test]
+    fn moved_buffers_keep_their_place() {
+        let mut pool = BufferPool::new(8, 4);
+        let mut q = SendQueue::new(100);
+        q.push_copy(b"ab", &mut pool).unwrap();
+        q.push_pending(3).unwrap();
+        q.push_copy(b"fg", &mut pool).unwrap();
+        let mut moved = pool.take();
+        moved.extend(b"cdeXX");
+        moved.truncate(3);
+        q.fill_pending(moved).unwrap();
+        assert_eq!(q.len(), 7);
+        assert_eq!(drain(&mut q, &mut pool), b"abcdefg");
+        q.release(&mut pool);
+        assert_eq!(pool.lent, 0);
+    }
+
+    #[test]
+    fn pending_is_never_written_and_cleared_queues_refuse_the_fill() {
+        let mut pool = BufferPool::new(8, 4);
+        let mut q = SendQueue::new(100);
+        q.push_copy(b"ab", &mut pool).unwrap();
+        q.push_pending(3).unwrap();
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        assert_eq!(q.gather(&mut iov), 1, "gather stops at the reservation");
+        q.clear(&mut pool);
+        assert!(q.fill_pending(pool.take()).is_err());
     }
 
     proptest::proptest! {

@@ -67,6 +67,9 @@ pub(crate) struct Conn {
     pub(crate) in_ready_list: bool,
     /// Set when the connection was an outbound connect that never completed.
     pub(crate) never_connected: bool,
+    /// `Ctx::close` came while connecting with bytes queued: close (after
+    /// flushing) once connected.
+    pub(crate) close_when_connected: Option<CloseReason>,
     pub(crate) reason: CloseReason,
 }
 

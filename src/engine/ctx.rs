@@ -20,7 +20,7 @@ use super::handle::Stats;
 use super::timer::TimerKey;
 use super::token::{ConnKey, ListenerId, listener_token};
 use super::{CloseReason, Core, Listener, RoleId, TimerOwner};
-use crate::codec::Framing;
+use crate::codec::{Frame, Framing};
 
 /// The context passed to every [`crate::Role`] callback.
 pub struct Ctx<'a> {
@@ -165,6 +165,46 @@ impl Ctx<'_> {
         core.after_push(key.index as usize, r)
     }
 
+    /// Queue `frame` — the frame being handled in this [`crate::Role::on_frame`]
+    /// call — for `to`, as [`Ctx::send`] would, but move the read buffer that
+    /// holds it into `to`'s queue instead of copying when that is worth it (a
+    /// frame of at least a quarter buffer that is most of what was read); the
+    /// connection then reads on into a fresh pooled buffer. Any other frame is
+    /// copied. At most one frame is moved per call to `on_frame`.
+    ///
+    /// # Errors
+    /// As for [`Ctx::send`].
+    pub fn forward(&mut self, to: ConnKey, frame: &Frame<'_>) -> Result<(), SendError> {
+        let raw = frame.raw;
+        let movable = match self.core.dispatching {
+            Some(d) => {
+                d.frame_addr == raw.as_ptr() as usize
+                    && d.frame_len == raw.len()
+                    && raw.len() >= self.core.pool.buf_len() / 4
+                    && d.rest_len <= raw.len()
+                    && self.core.forward_to.is_none()
+            }
+            None => false,
+        };
+        if !movable {
+            return self.send(to, raw);
+        }
+        let core = &mut *self.core;
+        let Some(conn) = core.conns.get_mut(to.index as usize) else {
+            return Err(SendError::Closed);
+        };
+        if conn.generation != to.generation
+            || !matches!(conn.state, State::Open | State::Connecting)
+        {
+            return Err(SendError::Closed);
+        }
+        let r = conn.tx.push_pending(raw.len());
+        if r.is_ok() {
+            core.forward_to = Some(to);
+        }
+        core.after_push(to.index as usize, r)
+    }
+
     /// Bytes queued for `key` and not yet written (`None` for a stale key).
     pub fn queued(&self, key: ConnKey) -> Option<usize> {
         self.core.conn(key).map(|c| c.tx.len())
@@ -232,8 +272,8 @@ impl Ctx<'_> {
     pub fn set_framing(&mut self, key: ConnKey, framing: Framing) {
         if let Some(c) = self.core.conn_mut(key) {
             c.decoder = crate::codec::Decoder::new(framing);
+            self.core.mark_ready(key.index as usize);
         }
-        self.core.mark_ready(key.index as usize);
     }
 
     /// Close `key` (reason [`CloseReason::IdleTimeout`]) once no byte has been
@@ -245,7 +285,7 @@ impl Ctx<'_> {
         let Some(c) = core.conns.get_mut(key.index as usize) else {
             return;
         };
-        if c.generation != key.generation {
+        if c.generation != key.generation || c.state == State::Closed {
             return;
         }
         if let Some(t) = c.idle_timer.take() {

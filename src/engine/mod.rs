@@ -172,6 +172,15 @@ pub struct ListenerInfo {
     pub addr: SocketAddr,
 }
 
+/// Where the frame being dispatched sits, for `Ctx::forward`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dispatching {
+    frame_addr: usize,
+    frame_len: usize,
+    /// Unconsumed bytes after the frame in the read buffer.
+    rest_len: usize,
+}
+
 /// Engine state that roles reach through [`Ctx`].
 pub(crate) struct Core {
     poll: Poll,
@@ -188,6 +197,10 @@ pub(crate) struct Core {
     config: EngineConfig,
     accept_backoff: Option<TimerKey>,
     limit_logged: bool,
+    /// The frame being handed to a role, so `Ctx::forward` can recognise it.
+    dispatching: Option<Dispatching>,
+    /// Set by `Ctx::forward`: move the current frame's buffer to this connection.
+    forward_to: Option<ConnKey>,
     accept_error_logged: bool,
     stop_requested: bool,
     shared: Arc<Shared>,
@@ -235,6 +248,8 @@ impl Engine {
             next_generation: 0,
             accept_backoff: None,
             limit_logged: false,
+            dispatching: None,
+            forward_to: None,
             accept_error_logged: false,
             stop_requested: false,
             shared,
@@ -582,6 +597,14 @@ impl Engine {
                 key,
             );
         }
+        if let Some(reason) = self
+            .core
+            .conns
+            .get_mut(idx)
+            .and_then(|c| c.close_when_connected.take())
+        {
+            self.core.close_gracefully(key, reason);
+        }
         self.core
             .conns
             .get(idx)
@@ -702,6 +725,11 @@ impl Engine {
             let used = match c.decoder.decode(rx.data()) {
                 Ok(Decoded::Frame(frame, used)) => {
                     trace!("{key} frame of {} bytes", frame.raw.len());
+                    self.core.dispatching = Some(Dispatching {
+                        frame_addr: frame.raw.as_ptr() as usize,
+                        frame_len: frame.raw.len(),
+                        rest_len: rx.len() - used,
+                    });
                     if let Some(r) = self.roles.get_mut(role.0) {
                         r.on_frame(
                             &mut Ctx {
@@ -712,6 +740,7 @@ impl Engine {
                             frame,
                         );
                     }
+                    self.core.dispatching = None;
                     used
                 }
                 Ok(Decoded::NeedMore) => return true,
@@ -722,7 +751,10 @@ impl Engine {
                     return false;
                 }
             };
-            rx.consume(used);
+            match self.core.forward_to.take() {
+                Some(to) => self.core.move_frame(rx, used, to),
+                None => rx.consume(used),
+            }
         }
         error!("{key}: frame loop guard tripped; closing (bug)");
         self.core.close_now(idx, CloseReason::Bug);
@@ -1015,6 +1047,15 @@ impl fmt::Debug for Engine {
     }
 }
 
+impl Drop for Engine {
+    /// An engine that is gone (never run, failed to start, or unwound by a
+    /// panicking role) refuses [`Handle`] calls with `Stopped` like one that
+    /// returned from `run`, instead of queuing into an inbox nobody drains.
+    fn drop(&mut self) {
+        self.core.shared.stopped.store(true, Ordering::Release);
+    }
+}
+
 // ===== impl Core =====
 
 impl Core {
@@ -1042,6 +1083,23 @@ impl Core {
         {
             c.in_ready_list = true;
             self.ready.push(idx);
+        }
+    }
+
+    /// Move the first `used` bytes of `rx` (a frame [`Ctx::forward`] reserved
+    /// room for) into `to`'s queue; `rx` becomes a fresh pooled buffer holding
+    /// the bytes after the frame (at most the frame's length, by `forward`'s rule).
+    fn move_frame(&mut self, rx: &mut buffer::Buffer, used: usize, to: ConnKey) {
+        let mut fresh = self.pool.take();
+        fresh.extend(rx.data().get(used..).unwrap_or_default());
+        let mut frame = std::mem::replace(rx, fresh);
+        frame.truncate(used);
+        let filled = match self.conns.get_mut(to.index as usize) {
+            Some(c) if c.generation == to.generation => c.tx.fill_pending(frame),
+            _ => Err(frame),
+        };
+        if let Err(frame) = filled {
+            self.pool.give_back(frame);
         }
     }
 
@@ -1092,6 +1150,7 @@ impl Core {
             notify_writable: false,
             in_ready_list: false,
             never_connected: outbound,
+            close_when_connected: None,
             reason: CloseReason::PeerClosed,
         });
         Stats::add(&self.shared.stats.connections, 1);
@@ -1116,6 +1175,10 @@ impl Core {
                     c.aux_timer = Some(t);
                 }
                 self.mark_ready(key.index as usize);
+            }
+            State::Connecting if !c.tx.is_empty() => {
+                // Connect, flush what was queued, then close (see finish_connect).
+                c.close_when_connected = Some(reason);
             }
             State::Open | State::Connecting => self.close_now(key.index as usize, reason),
             State::Closing | State::Closed => {}

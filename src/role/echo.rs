@@ -2,8 +2,9 @@
 //!
 //! Invariant: a client that sends but never reads costs at most its send queue
 //! bound plus one read buffer: reading pauses before the queue could overflow and
-//! resumes when it has drained. Allocation: none per message (copies go into
-//! the connection's pooled copy buffer).
+//! resumes when it has drained. Allocation: none per message (a full read
+//! buffer is moved into the send queue; small messages are copied into pooled
+//! blocks).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -70,7 +71,7 @@ impl Role for Echo {
     }
 
     fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
-        match ctx.send(conn, frame.raw) {
+        match ctx.forward(conn, &frame) {
             Ok(()) => {}
             Err(SendError::Closed) => return,
             Err(SendError::Full) => {

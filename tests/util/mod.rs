@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use switchboard::{Config, Engine, EngineError, Handle, StatsSnapshot};
+use switchboard::config::EngineConfig;
+use switchboard::{Config, Engine, EngineError, Handle, Role, RoleId, StatsSnapshot};
 
 /// Read/write timeout put on every client socket by [`connect`].
 pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +58,30 @@ impl TestEngine {
             handle,
             thread: Some(thread),
         }
+    }
+
+    /// Start an engine built from `config` and `roles` rather than from TOML
+    /// (for test roles), binding their listeners, and run it on a new thread.
+    /// Returns the roles' ids, in order.
+    pub(crate) fn with_roles(
+        config: EngineConfig,
+        roles: Vec<Box<dyn Role>>,
+    ) -> (TestEngine, Vec<RoleId>) {
+        let mut engine = Engine::new(config).expect("engine");
+        let ids = roles.into_iter().map(|r| engine.add_role(r)).collect();
+        engine.start().expect("engine start");
+        let addrs = engine.listeners().iter().map(|l| l.addr).collect();
+        let handle = engine.handle();
+        let thread = thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || engine.run())
+            .expect("spawn engine thread");
+        let engine = TestEngine {
+            addrs,
+            handle,
+            thread: Some(thread),
+        };
+        (engine, ids)
     }
 
     /// The first listener's address.
@@ -154,6 +179,52 @@ pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_nodelay(true).unwrap();
     s
+}
+
+/// Connect to `addr` from a socket whose receive buffer is set to `bytes`
+/// before connecting (so the kernel cannot absorb much of what the engine
+/// sends), with [`IO_TIMEOUT`] on connect, reads and writes.
+pub(crate) fn connect_with_recv_buffer(addr: SocketAddr, bytes: usize) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(bytes).unwrap();
+    s.connect_timeout(&addr.into(), IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Accept one connection on `listener` within `timeout` (std's `accept` has no
+/// timeout of its own); the stream gets [`IO_TIMEOUT`] on reads and writes.
+pub(crate) fn accept_within(listener: &std::net::TcpListener, timeout: Duration) -> TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = None;
+    let ok = wait_until(timeout, || match listener.accept() {
+        Ok((s, _)) => {
+            accepted = Some(s);
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("accept failed: {e}"),
+    });
+    assert!(ok, "nothing connected within {timeout:?}");
+    let s = accepted.unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+/// The most a loopback socket's send buffer can grow to (`tcp_wmem` max), so
+/// a test can send more than the kernel can absorb; 4 MiB where unreadable.
+pub(crate) fn kernel_send_buffer_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 * 1024 * 1024)
 }
 
 /// Whether `e` is what a blocking socket returns when its timeout expires.
