@@ -24,8 +24,18 @@ pub(crate) struct Readiness {
     pub(crate) interest: u8,
 }
 
-pub(crate) const READABLE: u8 = 0b01;
-pub(crate) const WRITABLE: u8 = 0b10;
+pub(crate) const READABLE: u8 = 0b001;
+pub(crate) const WRITABLE: u8 = 0b010;
+/// The peer hung up or the socket reported an error: reads must continue to
+/// EOF/error even after a short read (no further edge will announce it).
+pub(crate) const HUP: u8 = 0b100;
+
+/// With edge-triggered epoll, a read that returns less than asked, or a write
+/// that takes less than offered, proves the socket is drained (full): every new
+/// arrival or freed byte raises a new edge. Skipping the extra call that would
+/// return `WouldBlock` saves a system call per wake-up (tokio relies on the
+/// same property). Elsewhere, drain until `WouldBlock`.
+pub(crate) const SHORT_IO_DRAINS: bool = cfg!(any(target_os = "linux", target_os = "android"));
 
 impl Readiness {
     pub(crate) fn wants(&self, bit: u8) -> bool {

@@ -37,7 +37,7 @@ use crate::codec::{Decoded, Decoder, FrameError, Framing};
 use crate::config::EngineConfig;
 use crate::role::Role;
 use buffer::{BufferPool, MAX_IOV, SendQueue};
-use conn::{Conn, READABLE, Readiness, State, WRITABLE};
+use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, State, WRITABLE};
 use handle::{Command, Shared, Stats};
 use timer::Timers;
 use token::Target;
@@ -382,6 +382,9 @@ impl Engine {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             c.readiness.event |= READABLE;
                         }
+                        if event.is_read_closed() || event.is_error() {
+                            c.readiness.event |= HUP;
+                        }
                         if event.is_writable() || event.is_write_closed() || event.is_error() {
                             c.readiness.event |= WRITABLE;
                         }
@@ -649,6 +652,7 @@ impl Engine {
                 break;
             }
             let space = rx.space();
+            let asked = space.len();
             if space.is_empty() {
                 // Validation keeps every bounded frame within one buffer, so a
                 // full buffer that decodes nothing is a framing error.
@@ -668,6 +672,9 @@ impl Engine {
                 }
                 Ok(n) => {
                     trace!("{key} read {n} bytes");
+                    if SHORT_IO_DRAINS && n < asked && c.readiness.event & HUP == 0 {
+                        c.readiness.event &= !READABLE;
+                    }
                     rx.fill(n);
                     budget -= 1;
                     c.last_active = self.core.now;
@@ -777,6 +784,7 @@ impl Engine {
         while !c.tx.is_empty() && c.readiness.event & WRITABLE != 0 {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let n = c.tx.gather(&mut iov);
+            let offered: usize = iov.iter().take(n).map(|s| s.len()).sum();
             let res = c.sock.write_vectored(iov.get(..n).unwrap_or_default());
             match res {
                 Ok(0) => {
@@ -785,6 +793,9 @@ impl Engine {
                 }
                 Ok(w) => {
                     trace!("{key} wrote {w} bytes");
+                    if SHORT_IO_DRAINS && w < offered {
+                        c.readiness.event &= !WRITABLE;
+                    }
                     c.tx.advance(w, &mut core.pool);
                     Stats::add(&core.shared.stats.bytes_out_total, w as u64);
                 }
