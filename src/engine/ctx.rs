@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
+use slab::Slab;
 
 use super::buffer::QueueFull;
-use super::conn::{READABLE, State};
+use super::conn::{Conn, READABLE, State};
 use super::handle::Stats;
 use super::timer::TimerKey;
 use super::token::{ConnKey, ListenerId, listener_token};
@@ -134,14 +135,7 @@ impl Ctx<'_> {
     /// is queued), [`SendError::Closed`] if the connection is gone or closing.
     pub fn send(&mut self, key: ConnKey, data: &[u8]) -> Result<(), SendError> {
         let core = &mut *self.core;
-        let Some(conn) = core.conns.get_mut(key.index as usize) else {
-            return Err(SendError::Closed);
-        };
-        if conn.generation != key.generation
-            || !matches!(conn.state, State::Open | State::Connecting)
-        {
-            return Err(SendError::Closed);
-        }
+        let conn = sendable(&mut core.conns, key)?;
         let r = conn.tx.push_copy(data, &mut core.pool);
         core.after_push(key.index as usize, r)
     }
@@ -153,14 +147,7 @@ impl Ctx<'_> {
     /// As for [`Ctx::send`].
     pub fn send_bytes(&mut self, key: ConnKey, data: Bytes) -> Result<(), SendError> {
         let core = &mut *self.core;
-        let Some(conn) = core.conns.get_mut(key.index as usize) else {
-            return Err(SendError::Closed);
-        };
-        if conn.generation != key.generation
-            || !matches!(conn.state, State::Open | State::Connecting)
-        {
-            return Err(SendError::Closed);
-        }
+        let conn = sendable(&mut core.conns, key)?;
         let r = conn.tx.push_shared(data);
         core.after_push(key.index as usize, r)
     }
@@ -190,14 +177,7 @@ impl Ctx<'_> {
             return self.send(to, raw);
         }
         let core = &mut *self.core;
-        let Some(conn) = core.conns.get_mut(to.index as usize) else {
-            return Err(SendError::Closed);
-        };
-        if conn.generation != to.generation
-            || !matches!(conn.state, State::Open | State::Connecting)
-        {
-            return Err(SendError::Closed);
-        }
+        let conn = sendable(&mut core.conns, to)?;
         let r = conn.tx.push_pending(raw.len());
         if r.is_ok() {
             core.forward_to = Some(to);
@@ -383,6 +363,19 @@ impl Ctx<'_> {
     /// Stop the engine (as SIGTERM does).
     pub fn stop(&mut self) {
         self.core.stop_requested = true;
+    }
+}
+
+/// The connection `key` names, if it still takes output (open or connecting).
+fn sendable(conns: &mut Slab<Conn>, key: ConnKey) -> Result<&mut Conn, SendError> {
+    match conns.get_mut(key.index as usize) {
+        Some(c)
+            if c.generation == key.generation
+                && matches!(c.state, State::Open | State::Connecting) =>
+        {
+            Ok(c)
+        }
+        _ => Err(SendError::Closed),
     }
 }
 
