@@ -479,17 +479,7 @@ impl Engine {
                         Ok(key) => {
                             Stats::add(&self.core.shared.stats.accepted_total, 1);
                             debug!("{key} accepted from {peer}");
-                            if let Some(r) = self.roles.get_mut(role.0) {
-                                r.on_accept(
-                                    &mut Ctx {
-                                        core: &mut self.core,
-                                        role,
-                                    },
-                                    ListenerId(lidx),
-                                    key,
-                                    peer,
-                                );
-                            }
+                            self.call(role, |r, ctx| r.on_accept(ctx, ListenerId(lidx), key, peer));
                         }
                         Err(e) => warn!("cannot register connection from {peer}: {e}"),
                     }
@@ -591,15 +581,7 @@ impl Engine {
         Stats::add(&self.core.shared.stats.connected_total, 1);
         debug!("{key} connected to {}", c.peer);
         let role = c.role;
-        if let Some(r) = self.roles.get_mut(role.0) {
-            r.on_connected(
-                &mut Ctx {
-                    core: &mut self.core,
-                    role,
-                },
-                key,
-            );
-        }
+        self.call(role, |r, ctx| r.on_connected(ctx, key));
         if let Some(reason) = self
             .core
             .conns
@@ -698,15 +680,7 @@ impl Engine {
         }
         if eof {
             debug!("{key} peer closed its sending side");
-            if let Some(r) = self.roles.get_mut(role.0) {
-                r.on_read_closed(
-                    &mut Ctx {
-                        core: &mut self.core,
-                        role,
-                    },
-                    key,
-                );
-            }
+            self.call(role, |r, ctx| r.on_read_closed(ctx, key));
         }
     }
 
@@ -737,16 +711,7 @@ impl Engine {
                         frame_len: frame.raw.len(),
                         rest_len: rx.len() - used,
                     });
-                    if let Some(r) = self.roles.get_mut(role.0) {
-                        r.on_frame(
-                            &mut Ctx {
-                                core: &mut self.core,
-                                role,
-                            },
-                            key,
-                            frame,
-                        );
-                    }
+                    self.call(role, |r, ctx| r.on_frame(ctx, key, frame));
                     self.core.dispatching = None;
                     used
                 }
@@ -822,15 +787,20 @@ impl Engine {
         if c.notify_writable {
             c.notify_writable = false;
             let role = c.role;
-            if let Some(r) = self.roles.get_mut(role.0) {
-                r.on_writable(
-                    &mut Ctx {
-                        core: &mut self.core,
-                        role,
-                    },
-                    key,
-                );
-            }
+            self.call(role, |r, ctx| r.on_writable(ctx, key));
+        }
+    }
+
+    /// Run one role callback with a [`Ctx`] over the engine core.
+    fn call(&mut self, role: RoleId, f: impl FnOnce(&mut dyn Role, &mut Ctx<'_>)) {
+        if let Some(r) = self.roles.get_mut(role.0) {
+            f(
+                r.as_mut(),
+                &mut Ctx {
+                    core: &mut self.core,
+                    role,
+                },
+            );
         }
     }
 
@@ -841,16 +811,7 @@ impl Engine {
             };
             match owner {
                 TimerOwner::Role(role, token) => {
-                    if let Some(r) = self.roles.get_mut(role.0) {
-                        r.on_timer(
-                            &mut Ctx {
-                                core: &mut self.core,
-                                role,
-                            },
-                            tkey,
-                            token,
-                        );
-                    }
+                    self.call(role, |r, ctx| r.on_timer(ctx, tkey, token));
                 }
                 TimerOwner::Idle(key) => {
                     let now = self.core.now;
@@ -951,19 +912,12 @@ impl Engine {
                 generation: c.generation,
             };
             debug!("{key} closed ({})", c.reason);
-            let role = c.role;
-            let Some(r) = self.roles.get_mut(role.0) else {
-                continue;
-            };
-            let mut ctx = Ctx {
-                core: &mut self.core,
-                role,
-            };
+            let reason = c.reason;
             if c.never_connected {
-                Stats::add(&ctx.core.shared.stats.connect_failed_total, 1);
-                r.on_connect_failed(&mut ctx, key, c.reason);
+                Stats::add(&self.core.shared.stats.connect_failed_total, 1);
+                self.call(c.role, |r, ctx| r.on_connect_failed(ctx, key, reason));
             } else {
-                r.on_closed(&mut ctx, key, c.reason);
+                self.call(c.role, |r, ctx| r.on_closed(ctx, key, reason));
             }
         }
     }
@@ -978,15 +932,7 @@ impl Engine {
                 None => return,
                 Some(Command::Stop) => self.core.stop_requested = true,
                 Some(Command::Message(role, msg)) => {
-                    if let Some(r) = self.roles.get_mut(role.0) {
-                        r.on_message(
-                            &mut Ctx {
-                                core: &mut self.core,
-                                role,
-                            },
-                            msg,
-                        );
-                    }
+                    self.call(role, |r, ctx| r.on_message(ctx, msg));
                 }
             }
         }
@@ -1024,11 +970,8 @@ impl Engine {
         for l in 0..self.core.listeners.capacity() {
             self.core.close_listener(l);
         }
-        for (i, role) in self.roles.iter_mut().enumerate() {
-            role.on_shutdown(&mut Ctx {
-                core: &mut self.core,
-                role: RoleId(i),
-            });
+        for i in 0..self.roles.len() {
+            self.call(RoleId(i), |r, ctx| r.on_shutdown(ctx));
         }
         for idx in 0..self.core.conns.capacity() {
             let Some(c) = self.core.conns.get(idx) else {
