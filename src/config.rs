@@ -59,6 +59,9 @@ pub struct Config {
     /// `[[echo]]` roles.
     #[serde(default)]
     pub echo: Vec<EchoConfig>,
+    /// `[[broadcast]]` roles.
+    #[serde(default)]
+    pub broadcast: Vec<BroadcastConfig>,
 }
 
 /// `[engine]`: loop-wide limits.
@@ -128,6 +131,251 @@ pub struct EchoConfig {
 
 fn default_echo_name() -> String {
     "echo".to_owned()
+}
+
+/// Default `broadcast.max_record`: longest record in bytes (line: with its
+/// terminator; u16/u32: the payload).
+pub const DEFAULT_MAX_RECORD: usize = 16 * 1024;
+/// Default `broadcast.queue_records`: records queued per subscriber.
+pub const DEFAULT_QUEUE_RECORDS: usize = 10_000;
+/// Default `broadcast.max_subscribers`.
+pub const DEFAULT_MAX_SUBSCRIBERS: usize = 1_000;
+/// Default `broadcast.max_publishers`.
+pub const DEFAULT_MAX_PUBLISHERS: usize = 64;
+/// Default `broadcast.stall_timeout`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `broadcast.keepalive`: silence before the first TCP keepalive probe.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Default `broadcast.keepalive_interval`.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `broadcast.user_timeout` (Linux `TCP_USER_TIMEOUT`).
+pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest accepted `broadcast.replay`.
+pub const MAX_REPLAY: usize = 100_000;
+
+/// `[[broadcast]]`: every record from any publisher to every subscriber.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastConfig {
+    /// Name used in logs (default `"broadcast"`).
+    #[serde(default = "default_broadcast_name")]
+    pub name: String,
+    /// Subscribers (for example a video recorder's console) connect here.
+    pub listen: SocketAddr,
+    /// Where publishers send records: an address to listen on, or `"stdin"`.
+    /// Omitted: records come only from the library (`broadcast::publish`).
+    #[serde(default)]
+    pub ingest: Option<Ingest>,
+    /// How records are delimited: `line` (default), `u16` or `u32`.
+    #[serde(default)]
+    pub framing: RecordFraming,
+    /// Longest record in bytes: for `line` the whole line with its terminator,
+    /// for `u16`/`u32` the payload.
+    #[serde(default = "default_max_record")]
+    pub max_record: usize,
+    /// Per-subscriber queue bound in bytes (default `engine.queue_bytes`).
+    #[serde(default)]
+    pub queue_bytes: Option<usize>,
+    /// Per-subscriber queue bound in records.
+    #[serde(default = "default_queue_records")]
+    pub queue_records: usize,
+    /// What to do with a subscriber whose queue is full.
+    #[serde(default)]
+    pub slow: SlowPolicy,
+    /// Close a subscriber whose queue has not moved for this long.
+    #[serde(default = "default_stall_timeout", deserialize_with = "de_duration")]
+    pub stall_timeout: Duration,
+    /// Records kept and replayed to each new subscriber before live records.
+    #[serde(default)]
+    pub replay: usize,
+    /// Addresses allowed to connect (subscribers and publishers), as CIDRs;
+    /// empty (the default) allows everyone.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Subscribers at once; more are refused.
+    #[serde(default = "default_max_subscribers")]
+    pub max_subscribers: usize,
+    /// Publisher connections at once; more are refused.
+    #[serde(default = "default_max_publishers")]
+    pub max_publishers: usize,
+    /// Line framing: a partial line silent this long is published as a record.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub flush_idle: Option<Duration>,
+    /// Silence before the first TCP keepalive probe to a subscriber.
+    #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
+    pub keepalive: Duration,
+    /// Time between keepalive probes.
+    #[serde(
+        default = "default_keepalive_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub keepalive_interval: Duration,
+    /// Linux `TCP_USER_TIMEOUT` for subscribers: unacknowledged data older
+    /// than this drops the connection.
+    #[serde(default = "default_user_timeout", deserialize_with = "de_duration")]
+    pub user_timeout: Duration,
+}
+
+fn default_broadcast_name() -> String {
+    "broadcast".to_owned()
+}
+fn default_max_record() -> usize {
+    DEFAULT_MAX_RECORD
+}
+fn default_queue_records() -> usize {
+    DEFAULT_QUEUE_RECORDS
+}
+fn default_stall_timeout() -> Duration {
+    DEFAULT_STALL_TIMEOUT
+}
+fn default_max_subscribers() -> usize {
+    DEFAULT_MAX_SUBSCRIBERS
+}
+fn default_max_publishers() -> usize {
+    DEFAULT_MAX_PUBLISHERS
+}
+fn default_keepalive() -> Duration {
+    DEFAULT_KEEPALIVE
+}
+fn default_keepalive_interval() -> Duration {
+    DEFAULT_KEEPALIVE_INTERVAL
+}
+fn default_user_timeout() -> Duration {
+    DEFAULT_USER_TIMEOUT
+}
+
+/// Where a broadcast's publishers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingest {
+    /// A TCP address publishers connect to.
+    Tcp(SocketAddr),
+    /// Records read from standard input.
+    Stdin,
+}
+
+impl<'de> Deserialize<'de> for Ingest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Ingest, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "stdin" {
+            return Ok(Ingest::Stdin);
+        }
+        s.parse().map(Ingest::Tcp).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid ingest {s:?}: expected \"stdin\" or an address like \"127.0.0.1:7001\""
+            ))
+        })
+    }
+}
+
+/// Record delimiting for a broadcast.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordFraming {
+    /// Lines ending in `\n` (CRLF too).
+    #[default]
+    Line,
+    /// A big-endian u16 length, then the payload.
+    U16,
+    /// A big-endian u32 length, then the payload.
+    U32,
+}
+
+impl RecordFraming {
+    /// The codec framing for records of at most `max_record` bytes.
+    pub fn framing(self, max_record: usize) -> crate::codec::Framing {
+        use crate::codec::Framing;
+        match self {
+            RecordFraming::Line => Framing::Line { max: max_record },
+            RecordFraming::U16 => Framing::U16 { max: max_record },
+            RecordFraming::U32 => Framing::U32 { max: max_record },
+        }
+    }
+}
+
+/// The policy for a subscriber whose queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowPolicy {
+    /// Close the subscriber (it can reconnect and start at a record boundary).
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued records (whole) to make room for the new one.
+    DropOldest,
+    /// Drop the new record for this subscriber.
+    DropNewest,
+}
+
+/// An address range, `"192.168.1.0/24"`, `"::1/128"` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 peers match IPv4 ranges).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let bad = || {
+            format!("invalid CIDR {s:?}: expected like \"10.0.0.0/8\", \"::1/128\" or an address")
+        };
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// A configuration that cannot be used, naming where and why.
@@ -269,6 +517,100 @@ impl Config {
             }
             check_unique(&mut seen, echo.listen, format!("echo[{i}].listen"))?;
         }
+        for (i, b) in self.broadcast.iter().enumerate() {
+            let key = |k: &str| format!("broadcast[{i}].{k}");
+            if b.name.is_empty() {
+                return err(&key("name"), "must not be empty".to_owned());
+            }
+            let wire = b
+                .framing
+                .framing(b.max_record)
+                .max_encoded_len()
+                .unwrap_or(usize::MAX);
+            if b.max_record == 0 || wire > e.buffer_bytes {
+                return err(
+                    &key("max_record"),
+                    format!(
+                        "must be between 1 and engine.buffer_bytes ({}) less the length prefix, got {}",
+                        e.buffer_bytes, b.max_record
+                    ),
+                );
+            }
+            if b.framing == RecordFraming::U16 && b.max_record > usize::from(u16::MAX) {
+                return err(
+                    &key("max_record"),
+                    format!(
+                        "must be at most 65535 with framing = \"u16\", got {}",
+                        b.max_record
+                    ),
+                );
+            }
+            let queue = b.queue_bytes.unwrap_or(e.queue_bytes);
+            if queue < wire {
+                return err(
+                    &key("queue_bytes"),
+                    format!("must hold at least one record ({wire} bytes), got {queue}"),
+                );
+            }
+            if b.queue_records == 0 {
+                return err(&key("queue_records"), "must be at least 1".to_owned());
+            }
+            if b.replay > MAX_REPLAY {
+                return err(
+                    &key("replay"),
+                    format!("must be at most {MAX_REPLAY}, got {}", b.replay),
+                );
+            }
+            if b.max_subscribers == 0 || b.max_subscribers > e.max_connections {
+                return err(
+                    &key("max_subscribers"),
+                    format!(
+                        "must be between 1 and engine.max_connections ({}), got {}",
+                        e.max_connections, b.max_subscribers
+                    ),
+                );
+            }
+            if b.max_publishers == 0 {
+                return err(&key("max_publishers"), "must be at least 1".to_owned());
+            }
+            if b.flush_idle.is_some() && b.framing != RecordFraming::Line {
+                return err(
+                    &key("flush_idle"),
+                    "applies to framing = \"line\" only".to_owned(),
+                );
+            }
+            if b.flush_idle == Some(Duration::ZERO) {
+                return err(
+                    &key("flush_idle"),
+                    "must be longer than 0 (omit it to never flush partial lines)".to_owned(),
+                );
+            }
+            for (k, d) in [
+                ("stall_timeout", b.stall_timeout),
+                ("keepalive", b.keepalive),
+                ("keepalive_interval", b.keepalive_interval),
+            ] {
+                if d < Duration::from_secs(1) {
+                    return err(&key(k), format!("must be at least 1s, got {d:?}"));
+                }
+            }
+            check_unique(&mut seen, b.listen, key("listen"))?;
+            if let Some(Ingest::Tcp(a)) = b.ingest {
+                check_unique(&mut seen, a, key("ingest"))?;
+            }
+        }
+        if self
+            .broadcast
+            .iter()
+            .filter(|b| b.ingest == Some(Ingest::Stdin))
+            .count()
+            > 1
+        {
+            return err(
+                "broadcast.ingest",
+                "only one broadcast can read stdin".to_owned(),
+            );
+        }
         Ok(())
     }
 
@@ -286,7 +628,18 @@ impl Config {
                 None => out.push_str(", no idle timeout\n"),
             }
         }
-        if self.echo.is_empty() {
+        for b in &self.broadcast {
+            let ingest = match b.ingest {
+                Some(Ingest::Tcp(a)) => format!("publishers on {a}"),
+                Some(Ingest::Stdin) => "publisher on stdin".to_owned(),
+                None => "library publishing only".to_owned(),
+            };
+            out.push_str(&format!(
+                "broadcast '{}': subscribers on {}, {ingest}, {:?} records up to {} bytes, slow = {:?}, replay {}\n",
+                b.name, b.listen, b.framing, b.max_record, b.slow, b.replay
+            ));
+        }
+        if self.echo.is_empty() && self.broadcast.is_empty() {
             out.push_str("(no roles configured: nothing would listen)\n");
         }
         out

@@ -112,11 +112,11 @@ pub mod role;
 
 pub use config::{Config, ConfigError};
 pub use engine::{
-    CloseReason, ConnKey, ConnectOptions, Ctx, Engine, EngineError, Handle, HandleError,
-    ListenError, ListenOptions, ListenerId, ListenerInfo, Message, RoleId, SendError,
+    CloseReason, ConnKey, ConnectOptions, Ctx, Dropped, Engine, EngineError, Handle, HandleError,
+    Keepalive, ListenError, ListenOptions, ListenerId, ListenerInfo, Message, RoleId, SendError,
     StatsSnapshot, TimerKey,
 };
-pub use role::Role;
+pub use role::{OnFrameError, Role};
 
 // ===== impl Engine (configuration) =====
 
@@ -129,6 +129,9 @@ impl Engine {
         let mut engine = Engine::new(config.engine.clone())?;
         for echo in &config.echo {
             engine.add_role(Box::new(role::Echo::new(echo)));
+        }
+        for broadcast in &config.broadcast {
+            engine.add_role(Box::new(role::Broadcast::new(broadcast)));
         }
         Ok(engine)
     }

@@ -217,7 +217,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::tests::{
-        Outcome, Stream, check_byte_at_a_time, check_every_split, chunk_iter, decode_whole,
+        Outcome, Stream, check_byte_at_a_time, check_byte_at_a_time_with, check_every_split,
+        check_every_split_with, chunk_iter, decode_whole, decode_whole_with,
     };
     use super::*;
     use crate::codec::{Decoder, Framing};
@@ -454,6 +455,21 @@ mod tests {
             d.decode(&[0, 0, 0, 9]),
             Err(FrameError::TooLong { len: 9, max: MAX })
         );
+        // No marker to resume at: the caller must close.
+        assert!(!d.resync());
+    }
+
+    #[test]
+    fn resync_is_refused_and_the_error_stands() {
+        let mut input = frame(LengthWidth::U16, b"ab");
+        input.extend_from_slice(&frame(LengthWidth::U16, b"123456789"));
+        input.extend_from_slice(&frame(LengthWidth::U16, b"cd"));
+        let out = decode_whole_with(u16f(MAX), true, &input);
+        assert_eq!(payloads(&out), [b"ab"]);
+        assert_eq!(out.skipped, []);
+        assert_eq!(out.error, Some(FrameError::TooLong { len: 9, max: MAX }));
+        check_every_split_with(u16f(MAX), true, &input);
+        check_byte_at_a_time_with(u16f(MAX), true, &input);
     }
 
     fn width() -> impl Strategy<Value = LengthWidth> {

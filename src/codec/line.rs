@@ -2,7 +2,9 @@
 //!
 //! Invariant: no line longer than `max` bytes (terminator included) is ever
 //! buffered, and each input byte is scanned for `\n` once, however the input is
-//! chunked (the scan offset survives `NeedMore`). Allocation: none.
+//! chunked (the scan offset survives `NeedMore`). After [`LineDecoder::resync`]
+//! an over-long line is dropped as it arrives, so it is not buffered either.
+//! Allocation: none.
 #![deny(clippy::indexing_slicing)]
 
 use bytes::BufMut;
@@ -19,6 +21,10 @@ use super::{Decoded, EncodeError, Frame, FrameError, check_space};
 /// | `n - 1`   | 1       | `\n`                                    |
 ///
 /// `max` of 0 accepts no line at all: the first byte is [`FrameError::TooLong`].
+///
+/// A line longer than `max` is [`FrameError::TooLong`]; the caller either
+/// closes the connection or calls [`LineDecoder::resync`] to drop that line and
+/// carry on with the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineDecoder {
     /// Longest accepted line in bytes, terminator included.
@@ -26,6 +32,9 @@ pub struct LineDecoder {
     /// Bytes of the pending line already scanned without finding `\n`
     /// (tokio-util `LinesCodec::next_index`).
     next_index: usize,
+    /// Dropping an over-long line up to and including its `\n` (tokio-util
+    /// `LinesCodec::is_discarding`); set by [`LineDecoder::resync`].
+    discarding: bool,
 }
 
 // ===== impl LineDecoder =====
@@ -33,7 +42,11 @@ pub struct LineDecoder {
 impl LineDecoder {
     /// A decoder that accepts lines of up to `max` bytes, terminator included.
     pub fn new(max: usize) -> LineDecoder {
-        LineDecoder { max, next_index: 0 }
+        LineDecoder {
+            max,
+            next_index: 0,
+            discarding: false,
+        }
     }
 
     /// The longest accepted line in bytes, terminator included.
@@ -48,10 +61,19 @@ impl LineDecoder {
     /// [`Decoded::NeedMore`] are not scanned again, so the caller must pass the
     /// same bytes again, followed by any new ones.
     ///
+    /// After [`LineDecoder::resync`], the over-long line is dropped instead:
+    /// [`Decoded::Skipped`]`(n)` up to and including its `\n` (and the call
+    /// after that decodes normally), or, while no `\n` has arrived, all of
+    /// `src`; [`Decoded::NeedMore`] only for an empty `src`. The caller
+    /// consumes the `n` bytes like a frame's.
+    ///
     /// # Errors
     /// [`FrameError::TooLong`] with `len: max + 1` (the least the line can be)
     /// as soon as `src` holds `max` bytes and none of them is `\n`.
     pub fn decode<'a>(&mut self, src: &'a [u8]) -> Result<Decoded<'a>, FrameError> {
+        if self.discarding {
+            return Ok(self.skip(src));
+        }
         // The line must end within the first `max` bytes; never look further.
         let window = src.get(..self.max).unwrap_or(src);
         let start = self.next_index.min(window.len());
@@ -73,9 +95,39 @@ impl LineDecoder {
         Ok(Decoded::Frame(Frame { raw, payload }, raw.len()))
     }
 
-    /// Forget the scan offset, for example when the caller discarded its buffer.
+    /// Drop the line that made `decode` return [`FrameError::TooLong`] and
+    /// carry on with the next one: the following calls return
+    /// [`Decoded::Skipped`] up to and including the line's `\n`. Call it right
+    /// after the error, then call `decode` again with the same bytes.
+    pub fn resync(&mut self) {
+        self.discarding = true;
+    }
+
+    /// Forget the scan offset and any resynchronisation in progress, for
+    /// example when the caller discarded its buffer.
     pub fn reset(&mut self) {
         self.next_index = 0;
+        self.discarding = false;
+    }
+
+    /// While discarding: find the over-long line's `\n` and drop up to it, or
+    /// drop all of `src`. `src[..next_index]` (the `max` bytes that made the
+    /// line too long) is known to hold no `\n`, so scanning starts after it;
+    /// every later call starts at 0, because each `Skipped` takes everything
+    /// scanned.
+    fn skip<'a>(&mut self, src: &'a [u8]) -> Decoded<'a> {
+        let start = self.next_index.min(src.len());
+        let unscanned = src.get(start..).unwrap_or_default();
+        self.next_index = 0;
+        match unscanned.iter().position(|&b| b == b'\n') {
+            // `start + offset` indexes the `\n` inside `src`, so the sum cannot overflow.
+            Some(offset) => {
+                self.discarding = false;
+                Decoded::Skipped(start + offset + 1)
+            }
+            None if src.is_empty() => Decoded::NeedMore,
+            None => Decoded::Skipped(src.len()),
+        }
     }
 
     /// Bytes a payload of `payload_len` bytes occupies as a line (`payload_len + 1`
@@ -122,7 +174,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::tests::{
-        Outcome, Stream, check_byte_at_a_time, check_every_split, chunk_iter, decode_whole,
+        Outcome, Stream, check_byte_at_a_time, check_byte_at_a_time_with, check_every_split,
+        check_every_split_with, chunk_iter, decode_whole, decode_whole_with,
     };
     use super::*;
     use crate::codec::{Decoder, Framing};
@@ -139,6 +192,26 @@ mod tests {
 
     fn payloads(outcome: &Outcome) -> Vec<&[u8]> {
         outcome.frames.iter().map(|(_, p)| p.as_slice()).collect()
+    }
+
+    const TOO_LONG: FrameError = FrameError::TooLong {
+        len: MAX + 1,
+        max: MAX,
+    };
+
+    /// Decode `input` with resync whole, split at every byte and byte by byte;
+    /// check that exactly `expected` lines come out, that no byte of an
+    /// over-long line (all `X`, which good lines never contain) does, and
+    /// that every input byte is consumed by a line or a skip. Returns the
+    /// one-shot outcome.
+    fn check_resync(input: &[u8], expected: &[&[u8]]) -> Outcome {
+        let out = decode_whole_with(line(MAX), true, input);
+        assert_eq!(payloads(&out), expected, "{:?}", input.escape_ascii());
+        assert!(out.frames.iter().all(|(raw, _)| !raw.contains(&b'X')));
+        assert_eq!((out.error, out.rest), (None, 0));
+        check_every_split_with(line(MAX), true, input);
+        check_byte_at_a_time_with(line(MAX), true, input);
+        out
     }
 
     #[test]
@@ -256,6 +329,138 @@ mod tests {
     }
 
     #[test]
+    fn resync_drops_long_lines_and_keeps_good_ones() {
+        let out = check_resync(b"ab\nXXXXXXXXXXXX\ncd\r\nef\n", &[b"ab", b"cd", b"ef"]);
+        assert_eq!(out.skipped, [(1, 13)]);
+        let out = check_resync(b"XXXXXXXXX\nab\n", &[b"ab"]);
+        assert_eq!(out.skipped, [(0, 10)]);
+        // Two in a row, one much longer than the buffer, then an empty line.
+        let out = check_resync(
+            b"XXXXXXXX\nXXXXXXXXXXXXXXXXXXXXXXXXX\n\nok\n",
+            &[b"", b"ok"],
+        );
+        assert_eq!(out.skipped, [(0, 9), (0, 26)]);
+        let out = check_resync(b"a\nXXXXXXXX\nb\nXXXXXXXXXX\nc\n", &[b"a", b"b", b"c"]);
+        assert_eq!(out.skipped, [(1, 9), (2, 11)]);
+    }
+
+    #[test]
+    fn resync_long_line_at_the_end_keeps_being_skipped() {
+        let out = check_resync(b"ab\nXXXXXXXXXXXXXXX", &[b"ab"]);
+        assert_eq!(out.skipped, [(1, 15)]);
+        let mut stream = Stream::with_resync(line(MAX), true);
+        stream.feed(b"ab\nXXXXXXX");
+        assert_eq!((stream.buffered(), stream.skipped()), (7, &[][..]));
+        stream.feed(b"X");
+        assert_eq!((stream.buffered(), stream.skipped()), (0, &[(1, 8)][..]));
+        for (chunk, dropped) in [(&b"XXX"[..], 11), (b"X", 12), (b"XX\r", 15)] {
+            stream.feed(chunk);
+            assert_eq!(stream.buffered(), 0, "nothing buffered while discarding");
+            assert_eq!(stream.skipped(), [(1, dropped)]);
+        }
+        stream.feed(b"\ncd");
+        assert_eq!((stream.buffered(), stream.skipped()), (2, &[(1, 16)][..]));
+        stream.feed(b"\r\n");
+        let out = stream.finish();
+        assert_eq!(payloads(&out), [b"ab", b"cd"]);
+        assert_eq!((out.error, out.rest), (None, 0));
+    }
+
+    #[test]
+    fn resync_max_minus_one_max_and_max_plus_one() {
+        // 7 and 8 (= MAX) bytes are lines, 9 is dropped; the same with CRLF.
+        let out = check_resync(
+            b"123456\n1234567\n12345678\nok\n",
+            &[b"123456", b"1234567", b"ok"],
+        );
+        assert_eq!(out.skipped, [(2, 9)]);
+        let out = check_resync(
+            b"12345\r\n123456\r\n1234567\r\nok\r\n",
+            &[b"12345", b"123456", b"ok"],
+        );
+        assert_eq!(out.skipped, [(2, 9)]);
+        // The `\n` right after the `max` bytes that made the line too long.
+        let out = check_resync(b"XXXXXXXX\n1234567\n", &[b"1234567"]);
+        assert_eq!(out.skipped, [(0, 9)]);
+        let out = check_resync(b"XXXXXXX\r\n123456\r\n", &[b"123456"]);
+        assert_eq!(out.skipped, [(0, 9)]);
+    }
+
+    #[test]
+    fn resync_crlf() {
+        let out = check_resync(b"ab\r\nXXXXXXXXXX\r\ncd\r\n\r\n", &[b"ab", b"cd", b""]);
+        assert_eq!(out.skipped, [(1, 12)]);
+        // A `\r` alone does not end the dropped line.
+        let out = check_resync(b"XXXXXXXX\rX\r\nab\r\n", &[b"ab"]);
+        assert_eq!(out.skipped, [(0, 12)]);
+    }
+
+    #[test]
+    fn resync_decoder_states() {
+        let mut d = LineDecoder::new(MAX);
+        assert_eq!(d.decode(b"XXXXXXXX"), Err(TOO_LONG));
+        assert_eq!(d.next_index, MAX);
+        d.resync();
+        assert_eq!(d.decode(b"XXXXXXXX"), Ok(Decoded::Skipped(MAX)));
+        assert_eq!((d.next_index, d.discarding), (0, true));
+        assert_eq!(d.decode(b""), Ok(Decoded::NeedMore));
+        assert_eq!(d.decode(b"X"), Ok(Decoded::Skipped(1)));
+        assert_eq!(d.decode(b"XX\nab\n"), Ok(Decoded::Skipped(3)));
+        assert!(!d.discarding);
+        assert_eq!(
+            d.decode(b"ab\n"),
+            Ok(Decoded::Frame(
+                Frame {
+                    raw: b"ab\n",
+                    payload: b"ab"
+                },
+                3
+            ))
+        );
+    }
+
+    #[test]
+    fn resync_does_not_rescan_the_first_max_bytes() {
+        let mut d = LineDecoder::new(MAX);
+        assert_eq!(d.decode(b"XXXXXXXX"), Err(TOO_LONG));
+        d.resync();
+        // Contract violation: a `\n` inside the bytes already scanned is not
+        // seen again; the scan resumes at `max`.
+        assert_eq!(d.decode(b"X\nXXXXXXXX\nab\n"), Ok(Decoded::Skipped(11)));
+        // Shorter input than was scanned: no panic, everything is dropped.
+        assert_eq!(d.decode(b"XXXXXXXX"), Err(TOO_LONG));
+        d.resync();
+        assert_eq!(d.decode(b"XX"), Ok(Decoded::Skipped(2)));
+    }
+
+    #[test]
+    fn reset_ends_resync() {
+        let mut d = LineDecoder::new(MAX);
+        assert_eq!(d.decode(b"XXXXXXXX"), Err(TOO_LONG));
+        d.resync();
+        d.reset();
+        assert_eq!((d.next_index, d.discarding), (0, false));
+        assert!(matches!(d.decode(b"ab\n"), Ok(Decoded::Frame(_, 3))));
+        let mut d = Decoder::new(line(MAX));
+        assert_eq!(d.decode(b"XXXXXXXX"), Err(TOO_LONG));
+        assert!(d.resync());
+        assert_eq!(d.decode(b"XXXXXXXX"), Ok(Decoded::Skipped(8)));
+        d.reset();
+        assert_eq!(d.decode(b"XXXXXXXX"), Err(TOO_LONG));
+    }
+
+    #[test]
+    fn resync_with_zero_max_drops_every_line() {
+        let input = b"a\n\nb";
+        let out = decode_whole_with(line(0), true, input);
+        assert_eq!(out.frames, []);
+        assert_eq!(out.skipped, [(0, 2), (0, 1), (0, 1)]);
+        assert_eq!((out.error, out.rest), (None, 0));
+        check_every_split_with(line(0), true, input);
+        check_byte_at_a_time_with(line(0), true, input);
+    }
+
+    #[test]
     fn encode_round_trip() {
         let d = LineDecoder::new(MAX);
         let mut wire = Vec::new();
@@ -304,8 +509,14 @@ mod tests {
 
     /// A line payload that encodes and decodes back to itself.
     fn payload() -> impl Strategy<Value = Vec<u8>> {
+        payload_in(0..40)
+    }
+
+    /// A line payload of up to `len` bytes (fewer if it ended in `\r`) that
+    /// encodes and decodes back to itself.
+    fn payload_in(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<u8>> {
         let byte = any::<u8>().prop_map(|b| if b == b'\n' { b'n' } else { b });
-        proptest::collection::vec(byte, 0..40).prop_map(|mut p| {
+        proptest::collection::vec(byte, len).prop_map(|mut p| {
             while p.last() == Some(&b'\r') {
                 p.pop();
             }
@@ -336,14 +547,48 @@ mod tests {
         }
 
         #[test]
+        fn prop_resync_drops_exactly_the_long_lines(
+            lines in proptest::collection::vec(
+                (any::<bool>(), payload_in(0..16), payload_in(16..48)), 0..12),
+            chunks in proptest::collection::vec(1usize..20, 1..8),
+        ) {
+            let max = 16;
+            let d = LineDecoder::new(max);
+            let (mut wire, mut good, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+            for (is_long, short, long) in &lines {
+                if *is_long {
+                    // At least `max` bytes before the `\n`: one too many.
+                    wire.extend_from_slice(long);
+                    wire.resize(wire.len() + max.saturating_sub(long.len()), b'x');
+                    wire.push(b'\n');
+                    skipped.push((good.len(), long.len().max(max) + 1));
+                } else {
+                    d.encode(short, &mut wire).unwrap();
+                    good.push(short.clone());
+                }
+            }
+            let whole = decode_whole_with(line(max), true, &wire);
+            prop_assert_eq!(&payloads(&whole), &good);
+            prop_assert_eq!(&whole.skipped, &skipped);
+            prop_assert_eq!((whole.error, whole.rest), (None, 0));
+            let mut stream = Stream::with_resync(line(max), true);
+            for chunk in chunk_iter(&wire, &chunks) {
+                stream.feed(chunk);
+                prop_assert!(stream.buffered() < max);
+            }
+            prop_assert_eq!(stream.finish(), whole);
+        }
+
+        #[test]
         fn prop_arbitrary_bytes_chunked_like_whole(
             input in proptest::collection::vec(
                 prop_oneof![Just(b'\n'), Just(b'\r'), any::<u8>()], 0..200),
             chunks in proptest::collection::vec(1usize..20, 1..8),
             max in 0usize..24,
+            resync in any::<bool>(),
         ) {
-            let whole = decode_whole(line(max), &input);
-            let mut stream = Stream::new(line(max));
+            let whole = decode_whole_with(line(max), resync, &input);
+            let mut stream = Stream::with_resync(line(max), resync);
             for chunk in chunk_iter(&input, &chunks) {
                 stream.feed(chunk);
             }

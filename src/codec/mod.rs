@@ -34,9 +34,14 @@ pub enum Decoded<'a> {
     Frame(Frame<'a>, usize),
     /// The input holds no complete frame yet; call again with more bytes.
     NeedMore,
+    /// Bytes dropped while resynchronising after an over-long line (see
+    /// [`Decoder::resync`]); always at least 1. The caller consumes them like
+    /// a frame's bytes before the next call, and hands nothing to the role.
+    Skipped(usize),
 }
 
-/// Why a byte stream cannot be decoded. The connection cannot recover.
+/// Why a byte stream cannot be decoded. The connection cannot recover unless
+/// the decoder can resynchronise ([`Decoder::resync`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
     /// A frame is (or announces itself as) longer than the configured maximum.
@@ -206,11 +211,14 @@ impl Decoder {
     /// Decode the next frame from `src`, the connection's unconsumed bytes.
     ///
     /// Contract: between calls the caller either consumes exactly the bytes a
-    /// returned frame used, or (after `NeedMore`) calls again with the same
-    /// bytes followed by new ones. Partial input is never rescanned.
+    /// returned frame used (or the `n` of [`Decoded::Skipped`]), or (after
+    /// `NeedMore`) calls again with the same bytes followed by new ones.
+    /// Partial input is never rescanned.
     ///
     /// # Errors
     /// [`FrameError::TooLong`] when a frame exceeds the configured maximum.
+    /// The caller then either closes the connection or, if [`Decoder::resync`]
+    /// returns true, carries on decoding the same bytes.
     pub fn decode<'a>(&mut self, src: &'a [u8]) -> Result<Decoded<'a>, FrameError> {
         match self {
             Decoder::Raw => Ok(if src.is_empty() {
@@ -229,12 +237,32 @@ impl Decoder {
         }
     }
 
-    /// Forget any partial-frame state (for example after a framing change).
+    /// Forget any partial-frame state (for example after a framing change),
+    /// including a resynchronisation in progress.
     pub fn reset(&mut self) {
         match self {
             Decoder::Raw => {}
             Decoder::Line(d) => d.reset(),
             Decoder::Length(d) => d.reset(),
+        }
+    }
+
+    /// Called right after `decode` returned [`FrameError::TooLong`]: drop the
+    /// over-long frame and carry on with the next one. Returns false when this
+    /// framing cannot resynchronise, and the caller must close the connection.
+    ///
+    /// - `Line`: see [`LineDecoder::resync`]; the following calls return
+    ///   [`Decoded::Skipped`] up to and including the line's `\n`. Returns true.
+    /// - `U16` / `U32`: a length-prefixed stream has no marker to resume at
+    ///   (the announced body may be gigabytes of anything). Returns false.
+    /// - `Raw`: never fails, so there is nothing to resynchronise. Returns false.
+    pub fn resync(&mut self) -> bool {
+        match self {
+            Decoder::Line(d) => {
+                d.resync();
+                true
+            }
+            Decoder::Raw | Decoder::Length(_) => false,
         }
     }
 }
@@ -257,24 +285,38 @@ mod tests {
     pub(super) struct Outcome {
         /// `(raw, payload)` of each frame, in order.
         pub(super) frames: Vec<(Vec<u8>, Vec<u8>)>,
+        /// One entry per resynchronisation: `(frames decoded before it, bytes
+        /// dropped)`, the bytes summed over all its `Skipped` (how they are
+        /// split between calls depends on the chunking; the sum does not).
+        pub(super) skipped: Vec<(usize, usize)>,
         /// The error that ended decoding, if any.
         pub(super) error: Option<FrameError>,
-        /// Bytes received but not consumed by a frame.
+        /// Bytes received but not consumed by a frame or a skip.
         pub(super) rest: usize,
     }
 
     /// A connection's receive buffer: chunks are appended, decoded, consumed.
     pub(super) struct Stream {
         decoder: Decoder,
+        /// On `TooLong`, call `Decoder::resync` and carry on if it agrees.
+        resync: bool,
         buf: Vec<u8>,
+        /// Bytes fed so far.
+        fed: usize,
         outcome: Outcome,
     }
 
     impl Stream {
         pub(super) fn new(framing: Framing) -> Stream {
+            Stream::with_resync(framing, false)
+        }
+
+        pub(super) fn with_resync(framing: Framing, resync: bool) -> Stream {
             Stream {
                 decoder: Decoder::new(framing),
+                resync,
                 buf: Vec::new(),
+                fed: 0,
                 outcome: Outcome::default(),
             }
         }
@@ -283,6 +325,7 @@ mod tests {
         /// connection is dead: bytes are still counted but no longer decoded.
         pub(super) fn feed(&mut self, chunk: &[u8]) {
             self.buf.extend_from_slice(chunk);
+            self.fed += chunk.len();
             while self.outcome.error.is_none() {
                 match self.decoder.decode(&self.buf) {
                     Ok(Decoded::Frame(frame, consumed)) => {
@@ -297,7 +340,24 @@ mod tests {
                             .push((frame.raw.to_vec(), frame.payload.to_vec()));
                         self.buf.drain(..consumed);
                     }
+                    Ok(Decoded::Skipped(n)) => {
+                        assert!(0 < n && n <= self.buf.len(), "skipped {n} bytes");
+                        let Some((_, dropped)) = self.outcome.skipped.last_mut() else {
+                            panic!("Skipped without a resync");
+                        };
+                        *dropped += n;
+                        self.buf.drain(..n);
+                    }
                     Ok(Decoded::NeedMore) => break,
+                    Err(e) if self.resync && self.decoder.resync() => {
+                        let before = self.outcome.frames.len();
+                        assert_ne!(
+                            self.outcome.skipped.last(),
+                            Some(&(before, 0)),
+                            "{e} again without progress"
+                        );
+                        self.outcome.skipped.push((before, 0));
+                    }
                     Err(e) => self.outcome.error = Some(e),
                 }
             }
@@ -311,42 +371,74 @@ mod tests {
             &self.outcome.frames
         }
 
+        pub(super) fn skipped(&self) -> &[(usize, usize)] {
+            &self.outcome.skipped
+        }
+
         pub(super) fn error(&self) -> Option<FrameError> {
             self.outcome.error
         }
 
+        /// The outcome; every byte fed is in a frame, a skip, or `rest`.
         pub(super) fn finish(mut self) -> Outcome {
             self.outcome.rest = self.buf.len();
+            let framed: usize = self.outcome.frames.iter().map(|(raw, _)| raw.len()).sum();
+            let dropped: usize = self.outcome.skipped.iter().map(|&(_, n)| n).sum();
+            assert_eq!(framed + dropped + self.outcome.rest, self.fed);
             self.outcome
         }
     }
 
     /// Decode `input` delivered in one piece.
     pub(super) fn decode_whole(framing: Framing, input: &[u8]) -> Outcome {
-        let mut stream = Stream::new(framing);
+        decode_whole_with(framing, false, input)
+    }
+
+    /// [`decode_whole`], resynchronising after `TooLong` if `resync`.
+    pub(super) fn decode_whole_with(framing: Framing, resync: bool, input: &[u8]) -> Outcome {
+        let mut stream = Stream::with_resync(framing, resync);
         stream.feed(input);
         stream.finish()
     }
 
-    /// Feed `input` split in two at every byte position. After the first part
-    /// exactly the frames that fit in it have been decoded (otherwise
-    /// `NeedMore`); after both, the result equals one-shot decoding.
+    /// Where each frame of `outcome` ends in the input, dropped bytes included.
+    fn frame_ends(outcome: &Outcome) -> Vec<usize> {
+        let mut end = 0;
+        let mut skips = outcome.skipped.iter().peekable();
+        let mut ends = Vec::new();
+        for (i, (raw, _)) in outcome.frames.iter().enumerate() {
+            while let Some(&(_, n)) = skips.next_if(|&&(before, _)| before == i) {
+                end += n;
+            }
+            end += raw.len();
+            ends.push(end);
+        }
+        ends
+    }
+
+    /// Feed `input` split in two at every byte position.
     pub(super) fn check_every_split(framing: Framing, input: &[u8]) {
-        let whole = decode_whole(framing, input);
+        check_every_split_with(framing, false, input);
+    }
+
+    /// Feed `input` split in two at every byte position, resynchronising after
+    /// `TooLong` if `resync`. After the first part exactly the frames that fit
+    /// in it have been decoded (otherwise `NeedMore`), and the skips so far
+    /// agree with one-shot decoding; after both, the result equals it.
+    pub(super) fn check_every_split_with(framing: Framing, resync: bool, input: &[u8]) {
+        let whole = decode_whole_with(framing, resync, input);
+        let ends = frame_ends(&whole);
         for at in 0..=input.len() {
             let (head, tail) = input.split_at(at);
-            let mut stream = Stream::new(framing);
+            let mut stream = Stream::with_resync(framing, resync);
             stream.feed(head);
-            let mut end = 0;
-            let fit = whole
-                .frames
-                .iter()
-                .take_while(|(raw, _)| {
-                    end += raw.len();
-                    end <= at
-                })
-                .count();
+            let fit = ends.iter().take_while(|&&end| end <= at).count();
             assert_eq!(stream.frames(), &whole.frames[..fit], "split at {at}");
+            if let Some((&(before, n), done)) = stream.skipped().split_last() {
+                assert_eq!(done, &whole.skipped[..done.len()], "split at {at}");
+                let (whole_before, whole_n) = whole.skipped[done.len()];
+                assert!(before == whole_before && n <= whole_n, "split at {at}");
+            }
             if let Some(e) = stream.error() {
                 assert_eq!(Some(e), whole.error, "split at {at}");
                 assert_eq!(fit, whole.frames.len(), "split at {at}");
@@ -356,11 +448,17 @@ mod tests {
         }
     }
 
-    /// Feed `input` one byte at a time; the buffer never holds more than one
-    /// maximal frame, and the result equals one-shot decoding.
+    /// Feed `input` one byte at a time.
     pub(super) fn check_byte_at_a_time(framing: Framing, input: &[u8]) {
+        check_byte_at_a_time_with(framing, false, input);
+    }
+
+    /// Feed `input` one byte at a time, resynchronising after `TooLong` if
+    /// `resync`; the buffer never holds more than one maximal frame, and the
+    /// result equals one-shot decoding.
+    pub(super) fn check_byte_at_a_time_with(framing: Framing, resync: bool, input: &[u8]) {
         let bound = framing.max_encoded_len().unwrap();
-        let mut stream = Stream::new(framing);
+        let mut stream = Stream::with_resync(framing, resync);
         for byte in input {
             stream.feed(std::slice::from_ref(byte));
             if stream.error().is_none() {
@@ -371,7 +469,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(stream.finish(), decode_whole(framing, input));
+        assert_eq!(stream.finish(), decode_whole_with(framing, resync, input));
     }
 
     /// Cut `input` into pieces whose sizes cycle through `sizes` (all non-zero).
@@ -399,6 +497,19 @@ mod tests {
         };
         assert_eq!((frame.raw, frame.payload), (&b"a\nb"[..], &b"a\nb"[..]));
         d.reset();
+        assert!(!d.resync());
+    }
+
+    #[test]
+    fn only_line_framing_resyncs() {
+        for (framing, resyncs) in [
+            (Framing::Raw, false),
+            (Framing::Line { max: 8 }, true),
+            (Framing::U16 { max: 8 }, false),
+            (Framing::U32 { max: 8 }, false),
+        ] {
+            assert_eq!(Decoder::new(framing).resync(), resyncs, "{framing:?}");
+        }
     }
 
     #[test]

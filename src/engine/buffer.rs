@@ -174,6 +174,8 @@ pub(crate) struct SendQueue {
     blocks: VecDeque<Buffer>,
     /// The last chunk is `Copied` and refers to the back block (may grow).
     tail_open: bool,
+    /// The front chunk is partly written (it must not be dropped).
+    front_started: bool,
     len: usize,
     limit: usize,
 }
@@ -186,9 +188,35 @@ impl SendQueue {
             chunks: VecDeque::new(),
             blocks: VecDeque::new(),
             tail_open: false,
+            front_started: false,
             len: 0,
             limit,
         }
+    }
+
+    /// Queued buffers (chunks): with `push_shared` only, the number of records.
+    pub(crate) fn buffers(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Drop whole shared buffers from the front (after a partly written one,
+    /// which must finish) until `need` more bytes fit or none are left.
+    pub(crate) fn drop_oldest(&mut self, need: usize) -> super::ctx::Dropped {
+        let mut dropped = super::ctx::Dropped::default();
+        let first = usize::from(self.front_started);
+        while self.limit - self.len < need {
+            match self.chunks.get(first) {
+                Some(Chunk::Shared(b)) => {
+                    let n = b.len();
+                    self.chunks.remove(first);
+                    self.len -= n;
+                    dropped.buffers += 1;
+                    dropped.bytes += n;
+                }
+                _ => break,
+            }
+        }
+        dropped
     }
 
     /// Queued bytes.
@@ -310,36 +338,20 @@ impl SendQueue {
             let Some(front) = self.chunks.front_mut() else {
                 break;
             };
-            match front {
+            let (n, done) = match front {
                 Chunk::Shared(b) => {
                     let n = b.len().min(written);
                     b.advance(n);
-                    written -= n;
-                    if b.is_empty() {
-                        self.chunks.pop_front();
-                    }
+                    (n, b.is_empty())
                 }
                 Chunk::Moved(b) => {
                     let n = b.len().min(written);
                     b.consume(n);
-                    written -= n;
-                    if b.is_empty()
-                        && let Some(Chunk::Moved(b)) = self.chunks.pop_front()
-                    {
-                        pool.give_back(b);
-                    }
+                    (n, b.is_empty())
                 }
-                Chunk::Pending(_) => break,
                 Chunk::Copied(k) => {
                     let n = (*k).min(written);
                     *k -= n;
-                    written -= n;
-                    if *k == 0 {
-                        self.chunks.pop_front();
-                        if self.chunks.is_empty() {
-                            self.tail_open = false;
-                        }
-                    }
                     if let Some(b) = self.blocks.front_mut() {
                         b.consume(n);
                         if b.is_empty()
@@ -349,6 +361,19 @@ impl SendQueue {
                             pool.give_back(b);
                         }
                     }
+                    (n, *k == 0)
+                }
+                Chunk::Pending(_) => break,
+            };
+            written -= n;
+            // The front chunk is partly written unless it just finished.
+            self.front_started = !done;
+            if done {
+                if let Some(Chunk::Moved(b)) = self.chunks.pop_front() {
+                    pool.give_back(b);
+                }
+                if self.chunks.is_empty() {
+                    self.tail_open = false;
                 }
             }
         }
@@ -379,6 +404,7 @@ impl SendQueue {
                 pool.give_back(b);
             }
         }
+        self.front_started = false;
         self.len = 0;
         self.release(pool);
     }
@@ -474,6 +500,27 @@ mod tests {
         assert_eq!(q.gather(&mut iov), 1, "gather stops at the reservation");
         q.clear(&mut pool);
         assert!(q.fill_pending(pool.take()).is_err());
+    }
+
+    #[test]
+    fn drop_oldest_drops_whole_unstarted_buffers_only() {
+        let mut pool = BufferPool::new(8, 4);
+        let mut q = SendQueue::new(12);
+        for r in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+            q.push_shared(Bytes::copy_from_slice(r)).unwrap();
+        }
+        q.advance(2, &mut pool); // "aa" of the first record is on the wire
+        assert_eq!(q.len(), 10);
+        // Room for 5 more: the partly written record stays, "bbbb" goes.
+        let d = q.drop_oldest(5);
+        assert_eq!((d.buffers, d.bytes), (1, 4));
+        assert_eq!(q.buffers(), 2);
+        q.push_shared(Bytes::from_static(b"ddddd")).unwrap();
+        assert_eq!(drain(&mut q, &mut pool), b"aaccccddddd");
+        // Nothing droppable: nothing happens.
+        q.push_shared(Bytes::from_static(b"eeee")).unwrap();
+        q.advance(1, &mut pool);
+        assert_eq!(q.drop_oldest(100).buffers, 0);
     }
 
     proptest::proptest! {

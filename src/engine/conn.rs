@@ -80,6 +80,11 @@ pub(crate) struct Conn {
     /// `Ctx::close` came while connecting with bytes queued: close (after
     /// flushing) once connected.
     pub(crate) close_when_connected: Option<CloseReason>,
+    /// Close when the send queue has been non-empty and unmoved this long.
+    pub(crate) stall_timeout: Option<Duration>,
+    pub(crate) stall_timer: Option<TimerKey>,
+    /// Last time the send queue moved (a write, or the first byte queued).
+    pub(crate) last_progress: Instant,
     pub(crate) reason: CloseReason,
 }
 

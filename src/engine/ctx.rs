@@ -17,6 +17,7 @@ use slab::Slab;
 
 use super::buffer::QueueFull;
 use super::conn::{Conn, READABLE, State};
+use super::handle::Handle;
 use super::handle::Stats;
 use super::timer::TimerKey;
 use super::token::{ConnKey, ListenerId, listener_token};
@@ -69,6 +70,27 @@ impl Default for ConnectOptions {
             timeout: None,
         }
     }
+}
+
+/// TCP keepalive settings for [`Ctx::set_keepalive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Linux `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged
+    /// before the connection is dropped (`None`: the system default).
+    pub user_timeout: Option<Duration>,
+}
+
+/// What [`Ctx::drop_oldest`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Whole buffers (records) dropped.
+    pub buffers: usize,
+    /// Bytes dropped.
+    pub bytes: usize,
 }
 
 /// Why [`Ctx::send`] queued nothing.
@@ -136,8 +158,9 @@ impl Ctx<'_> {
     pub fn send(&mut self, key: ConnKey, data: &[u8]) -> Result<(), SendError> {
         let core = &mut *self.core;
         let conn = sendable(&mut core.conns, key)?;
+        let was_empty = conn.tx.is_empty();
         let r = conn.tx.push_copy(data, &mut core.pool);
-        core.after_push(key.index as usize, r)
+        core.after_push(key.index as usize, r, was_empty)
     }
 
     /// Queue a shared buffer for `key`: a refcount, not a copy. Use this to send
@@ -148,8 +171,9 @@ impl Ctx<'_> {
     pub fn send_bytes(&mut self, key: ConnKey, data: Bytes) -> Result<(), SendError> {
         let core = &mut *self.core;
         let conn = sendable(&mut core.conns, key)?;
+        let was_empty = conn.tx.is_empty();
         let r = conn.tx.push_shared(data);
-        core.after_push(key.index as usize, r)
+        core.after_push(key.index as usize, r, was_empty)
     }
 
     /// Queue `frame` — the frame being handled in this [`crate::Role::on_frame`]
@@ -178,11 +202,29 @@ impl Ctx<'_> {
         }
         let core = &mut *self.core;
         let conn = sendable(&mut core.conns, to)?;
+        let was_empty = conn.tx.is_empty();
         let r = conn.tx.push_pending(raw.len());
         if r.is_ok() {
             core.forward_to = Some(to);
         }
-        core.after_push(to.index as usize, r)
+        core.after_push(to.index as usize, r, was_empty)
+    }
+
+    /// Drop whole queued buffers (each `send_bytes` call queues one, e.g. one
+    /// record) from the front of `key`'s queue until `need` more bytes fit,
+    /// never touching a buffer that is partly written. Returns how many
+    /// buffers and bytes were dropped.
+    pub fn drop_oldest(&mut self, key: ConnKey, need: usize) -> Dropped {
+        match self.core.conn_mut(key) {
+            Some(c) => c.tx.drop_oldest(need),
+            None => Dropped::default(),
+        }
+    }
+
+    /// Buffers queued for `key` (with `send_bytes` only: records), `None` for
+    /// a stale key.
+    pub fn queued_buffers(&self, key: ConnKey) -> Option<usize> {
+        self.core.conn(key).map(|c| c.tx.buffers())
     }
 
     /// Bytes queued for `key` and not yet written (`None` for a stale key).
@@ -198,6 +240,94 @@ impl Ctx<'_> {
     /// The size of one read buffer: the most bytes one frame callback can carry.
     pub fn read_buffer_len(&self) -> usize {
         self.core.pool.buf_len()
+    }
+
+    /// Input read from `key` but not yet decoded into a frame (a partial frame).
+    /// Also answers in [`crate::Role::on_closed`], to see what a closing peer
+    /// left unfinished. Empty for a stale key.
+    pub fn pending_input(&self, key: ConnKey) -> &[u8] {
+        self.core
+            .conns
+            .get(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+            .and_then(|c| c.rx.as_ref())
+            .map(|b| b.data())
+            .unwrap_or_default()
+    }
+
+    /// Drop `n` bytes of [`Ctx::pending_input`] (after taking them as a frame
+    /// some other way, e.g. a line that never got its newline). The decoder
+    /// starts afresh on what remains.
+    pub fn consume_input(&mut self, key: ConnKey, n: usize) {
+        let core = &mut *self.core;
+        let Some(c) = core.conns.get_mut(key.index as usize) else {
+            return;
+        };
+        if c.generation != key.generation {
+            return;
+        }
+        c.decoder.reset();
+        if let Some(mut b) = c.rx.take() {
+            b.consume(n);
+            if b.is_empty() {
+                core.pool.give_back(b);
+            } else {
+                c.rx = Some(b);
+            }
+        }
+    }
+
+    /// When `key` last read any bytes (or connected), `None` for a stale key.
+    pub fn last_read(&self, key: ConnKey) -> Option<Instant> {
+        self.core.conn(key).map(|c| c.last_active)
+    }
+
+    /// Turn on TCP keepalive probes for `key` (first probe after `idle`, then
+    /// every `interval`) and, on Linux, `TCP_USER_TIMEOUT`, so a peer that
+    /// vanished without a FIN or RST is noticed.
+    ///
+    /// # Errors
+    /// What the operating system said; a stale key is ignored.
+    pub fn set_keepalive(&mut self, key: ConnKey, keepalive: Keepalive) -> io::Result<()> {
+        let Some(c) = self.core.conn(key) else {
+            return Ok(());
+        };
+        let sock = socket2::SockRef::from(&c.sock);
+        let params = socket2::TcpKeepalive::new()
+            .with_time(keepalive.idle)
+            .with_interval(keepalive.interval);
+        sock.set_tcp_keepalive(&params)?;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        sock.set_tcp_user_timeout(keepalive.user_timeout)?;
+        Ok(())
+    }
+
+    /// Close `key` (reason [`CloseReason::Stalled`]) once its send queue has
+    /// held bytes and not moved for `timeout`; `None` removes the check.
+    pub fn set_stall_timeout(&mut self, key: ConnKey, timeout: Option<Duration>) {
+        let core = &mut *self.core;
+        let now = core.now;
+        let Some(c) = core
+            .conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation && c.state != State::Closed)
+        else {
+            return;
+        };
+        if let Some(t) = c.stall_timer.take() {
+            core.timers.cancel(t);
+        }
+        c.stall_timeout = timeout;
+        if let Some(d) = timeout {
+            c.stall_timer = Some(core.timers.insert(now + d, TimerOwner::Stall(key)));
+        }
+    }
+
+    /// A thread-safe handle to this engine (for a role's helper thread).
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: std::sync::Arc::clone(&self.core.shared),
+        }
     }
 
     /// The peer address of `key`.
@@ -382,12 +512,20 @@ fn sendable(conns: &mut Slab<Conn>, key: ConnKey) -> Result<&mut Conn, SendError
 // ===== impl Core (send path) =====
 
 impl Core {
-    fn after_push(&mut self, idx: usize, r: Result<(), QueueFull>) -> Result<(), SendError> {
+    fn after_push(
+        &mut self,
+        idx: usize,
+        r: Result<(), QueueFull>,
+        was_empty: bool,
+    ) -> Result<(), SendError> {
         let Some(conn) = self.conns.get_mut(idx) else {
             return Err(SendError::Closed);
         };
         match r {
             Ok(()) => {
+                if was_empty {
+                    conn.last_progress = self.now;
+                }
                 if conn.tx.len() > conn.tx.limit() / 2 {
                     conn.notify_writable = true;
                 }

@@ -66,6 +66,26 @@ impl Handle {
         self.push(Command::Stop, true).ok();
     }
 
+    /// Like [`Handle::send`], but while the inbox is full, wait (sleeping a
+    /// millisecond at a time) instead of failing: back-pressure for a producer
+    /// thread that must not lose anything.
+    ///
+    /// # Errors
+    /// [`HandleError::Stopped`] when the engine is gone.
+    pub fn send_wait(&self, role: RoleId, msg: Message) -> Result<(), HandleError> {
+        let mut cmd = Command::Message(role, msg);
+        loop {
+            match self.push(cmd, false) {
+                Ok(()) => return Ok(()),
+                Err((HandleError::Full, back)) => {
+                    cmd = back;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
     /// Hand `msg` to role `role`'s [`crate::Role::on_message`] on the loop thread.
     ///
     /// # Errors
@@ -73,6 +93,7 @@ impl Handle {
     /// [`HandleError::Stopped`] when the engine is gone.
     pub fn send(&self, role: RoleId, msg: Message) -> Result<(), HandleError> {
         self.push(Command::Message(role, msg), false)
+            .map_err(|(e, _)| e)
     }
 
     /// Connections currently held by the engine (accepted and outbound).
@@ -85,18 +106,24 @@ impl Handle {
         self.shared.stats.snapshot()
     }
 
-    fn push(&self, cmd: Command, force: bool) -> Result<(), HandleError> {
+    /// Queue `cmd` and wake the loop; on failure the command comes back.
+    fn push(&self, cmd: Command, force: bool) -> Result<(), (HandleError, Command)> {
         if self.shared.stopped.load(Ordering::Acquire) {
-            return Err(HandleError::Stopped);
+            return Err((HandleError::Stopped, cmd));
         }
         {
-            let mut inbox = self.shared.inbox.lock().map_err(|_| HandleError::Stopped)?;
+            let Ok(mut inbox) = self.shared.inbox.lock() else {
+                return Err((HandleError::Stopped, cmd));
+            };
             if inbox.len() >= self.shared.capacity && !force {
-                return Err(HandleError::Full);
+                return Err((HandleError::Full, cmd));
             }
             inbox.push_back(cmd);
         }
-        self.shared.waker.wake().map_err(|_| HandleError::Stopped)
+        self.shared
+            .waker
+            .wake()
+            .map_err(|_| (HandleError::Stopped, Command::Stop))
     }
 }
 

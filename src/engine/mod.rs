@@ -15,7 +15,7 @@ mod handle;
 mod timer;
 mod token;
 
-pub use ctx::{ConnectOptions, Ctx, ListenError, ListenOptions, SendError};
+pub use ctx::{ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError};
 pub use handle::{Handle, HandleError, Message, StatsSnapshot};
 pub use timer::TimerKey;
 pub use token::{ConnKey, ListenerId};
@@ -35,7 +35,7 @@ use slab::Slab;
 
 use crate::codec::{Decoded, Decoder, FrameError, Framing};
 use crate::config::EngineConfig;
-use crate::role::Role;
+use crate::role::{OnFrameError, Role};
 use buffer::{BufferPool, MAX_IOV, SendQueue};
 use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, State, WRITABLE};
 use handle::{Command, Shared, Stats};
@@ -81,6 +81,8 @@ pub enum CloseReason {
     ConnectTimeout,
     /// Queued bytes could not be flushed within `engine.linger`.
     LingerTimeout,
+    /// The send queue did not move for the connection's stall timeout.
+    Stalled,
     /// The engine is shutting down.
     Shutdown,
     /// An internal guard tripped (logged as a bug).
@@ -97,6 +99,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Frame(e) => write!(f, "framing error: {e}"),
             CloseReason::ConnectTimeout => f.write_str("connect timeout"),
             CloseReason::LingerTimeout => f.write_str("could not flush before linger timeout"),
+            CloseReason::Stalled => f.write_str("send queue stalled"),
             CloseReason::Shutdown => f.write_str("shutdown"),
             CloseReason::Bug => f.write_str("internal guard tripped"),
         }
@@ -150,6 +153,7 @@ pub(crate) enum TimerOwner {
     Idle(ConnKey),
     Connect(ConnKey),
     Linger(ConnKey),
+    Stall(ConnKey),
     AcceptBackoff,
     ShutdownDeadline,
 }
@@ -286,6 +290,11 @@ impl Engine {
             .register(&mut signals, token::SIGNALS, Interest::READABLE)?;
         self.signals = Some(signals);
         Ok(())
+    }
+
+    /// The id of the first role named `name` (for [`Handle::send`]).
+    pub fn role_id(&self, name: &str) -> Option<RoleId> {
+        self.roles.iter().position(|r| r.name() == name).map(RoleId)
     }
 
     /// A thread-safe handle to stop the engine or hand it messages.
@@ -675,7 +684,7 @@ impl Engine {
             }
         }
         match self.core.conns.get_mut(idx) {
-            Some(c) if c.state != State::Closed && !rx.is_empty() => c.rx = Some(rx),
+            Some(c) if !rx.is_empty() => c.rx = Some(rx),
             _ => self.core.pool.give_back(rx),
         }
         if eof {
@@ -715,10 +724,23 @@ impl Engine {
                     self.core.dispatching = None;
                     used
                 }
+                Ok(Decoded::Skipped(n)) => {
+                    trace!("{key} skipped {n} bytes while resynchronising");
+                    n
+                }
                 Ok(Decoded::NeedMore) => return true,
                 Err(e) => {
-                    warn!("{key} from {}: {e}; closing", c.peer);
                     Stats::add(&self.core.shared.stats.frame_errors_total, 1);
+                    let mut action = OnFrameError::Close;
+                    self.call(role, |r, ctx| action = r.on_frame_error(ctx, key, e));
+                    let resynced = action == OnFrameError::Resync
+                        && self.core.conn_mut(key).is_some_and(|c| c.decoder.resync());
+                    if resynced {
+                        continue;
+                    }
+                    if let Some(c) = self.core.conn(key) {
+                        warn!("{key} from {}: {e}; closing", c.peer);
+                    }
                     self.core.close_now(idx, CloseReason::Frame(e));
                     return false;
                 }
@@ -762,6 +784,7 @@ impl Engine {
                         c.readiness.event &= !WRITABLE;
                     }
                     c.tx.advance(w, &mut core.pool);
+                    c.last_progress = core.now;
                     Stats::add(&core.shared.stats.bytes_out_total, w as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -788,6 +811,36 @@ impl Engine {
             c.notify_writable = false;
             let role = c.role;
             self.call(role, |r, ctx| r.on_writable(ctx, key));
+        }
+    }
+
+    /// A stall timer fired: close if the queue has been non-empty and unmoved
+    /// for the stall timeout, otherwise check again when it could be.
+    fn stall_check(&mut self, key: ConnKey) {
+        let now = self.core.now;
+        let Some(c) = self.core.conn_mut(key) else {
+            return;
+        };
+        c.stall_timer = None;
+        let Some(limit) = c.stall_timeout else {
+            return;
+        };
+        let at = if c.tx.is_empty() {
+            now + limit
+        } else if now >= c.last_progress + limit {
+            debug!(
+                "{key}: {} bytes queued, none written for {limit:?}; closing",
+                c.tx.len()
+            );
+            self.core
+                .close_now(key.index as usize, CloseReason::Stalled);
+            return;
+        } else {
+            c.last_progress + limit
+        };
+        let t = self.core.timers.insert(at, TimerOwner::Stall(key));
+        if let Some(c) = self.core.conn_mut(key) {
+            c.stall_timer = Some(t);
         }
     }
 
@@ -853,6 +906,7 @@ impl Engine {
                             .close_now(key.index as usize, CloseReason::LingerTimeout);
                     }
                 }
+                TimerOwner::Stall(key) => self.stall_check(key),
                 TimerOwner::AcceptBackoff => self.core.accept_backoff = None,
                 TimerOwner::ShutdownDeadline => {
                     let left = self.core.conns.len();
@@ -898,6 +952,23 @@ impl Engine {
             {
                 continue;
             }
+            let Some(c) = self.core.conns.get(idx) else {
+                continue;
+            };
+            let key = ConnKey {
+                index: idx as u32,
+                generation: c.generation,
+            };
+            let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
+            debug!("{key} closed ({reason})");
+            // The role runs while the slot is still taken: its key is stale for
+            // every call but `Ctx::pending_input`, which shows unconsumed input.
+            if never_connected {
+                Stats::add(&self.core.shared.stats.connect_failed_total, 1);
+                self.call(role, |r, ctx| r.on_connect_failed(ctx, key, reason));
+            } else {
+                self.call(role, |r, ctx| r.on_closed(ctx, key, reason));
+            }
             let c = self.core.conns.remove(idx);
             if let Some(b) = c.rx {
                 self.core.pool.give_back(b);
@@ -906,18 +977,6 @@ impl Engine {
             Stats::add(&self.core.shared.stats.closed_total, 1);
             if self.core.conns.len() < self.core.config.max_connections {
                 self.core.limit_logged = false;
-            }
-            let key = ConnKey {
-                index: idx as u32,
-                generation: c.generation,
-            };
-            debug!("{key} closed ({})", c.reason);
-            let reason = c.reason;
-            if c.never_connected {
-                Stats::add(&self.core.shared.stats.connect_failed_total, 1);
-                self.call(c.role, |r, ctx| r.on_connect_failed(ctx, key, reason));
-            } else {
-                self.call(c.role, |r, ctx| r.on_closed(ctx, key, reason));
             }
         }
     }
@@ -1105,6 +1164,9 @@ impl Core {
             in_ready_list: false,
             never_connected: outbound,
             close_when_connected: None,
+            stall_timeout: None,
+            stall_timer: None,
+            last_progress: self.now,
             reason: CloseReason::PeerClosed,
         });
         Stats::add(&self.shared.stats.connections, 1);
@@ -1153,12 +1215,13 @@ impl Core {
         c.reason = reason;
         c.state = State::Closed;
         c.tx.clear(&mut self.pool);
-        if let Some(b) = c.rx.take() {
-            self.pool.give_back(b);
-        }
-        for t in [c.idle_timer.take(), c.aux_timer.take()]
-            .into_iter()
-            .flatten()
+        for t in [
+            c.idle_timer.take(),
+            c.aux_timer.take(),
+            c.stall_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             self.timers.cancel(t);
         }

@@ -5,14 +5,26 @@
 //! Callbacks run on the loop thread and must not block: anything slow is a
 //! timer or a message from another thread ([`crate::Handle::send`]).
 
+pub mod broadcast;
 pub mod echo;
 
+pub use broadcast::Broadcast;
 pub use echo::Echo;
 
 use std::net::SocketAddr;
 
-use crate::codec::Frame;
+use crate::codec::{Frame, FrameError};
 use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey};
+
+/// What to do after a framing error ([`Role::on_frame_error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFrameError {
+    /// Close the connection (reason [`CloseReason::Frame`]).
+    Close,
+    /// Skip to the next frame boundary if the framing can find one (line
+    /// framing: the next newline); otherwise close.
+    Resync,
+}
 
 /// A job served by the engine. See the crate documentation for a complete example.
 ///
@@ -56,6 +68,20 @@ pub trait Role: Send {
     /// is valid only during the call; copy it with [`Ctx::send`] or into a
     /// `Bytes` to keep it.
     fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>);
+
+    /// The input broke the connection's framing (a frame longer than its
+    /// maximum). The default closes the connection; a role may ask to
+    /// resynchronise instead, which line framing supports (the rest of the
+    /// over-long line is skipped up to its newline).
+    fn on_frame_error(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        conn: ConnKey,
+        error: FrameError,
+    ) -> OnFrameError {
+        let _ = (ctx, conn, error);
+        OnFrameError::Close
+    }
 
     /// The peer shut down its sending side (EOF). The default closes the
     /// connection once its queue is flushed; a role that supports half-close

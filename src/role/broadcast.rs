@@ -1,0 +1,665 @@
+//! The broadcast role: every record from any publisher goes to every
+//! subscriber, whole and in publish order; a slow subscriber never holds back
+//! the others.
+//!
+//! Invariant: a record is one `Bytes`, allocated once when it is published and
+//! shared (a refcount) by every subscriber queue and the replay ring; each
+//! subscriber's queue is bounded in bytes and records and a full one gets the
+//! configured policy, applied to whole records only. Each publisher has its own
+//! decoder (in the engine), so two publishers never interleave inside a record.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use log::{debug, error, info, warn};
+
+use crate::codec::{Decoded, Decoder, Frame, FrameError};
+use crate::config::{BroadcastConfig, Ingest, RecordFraming, SlowPolicy};
+use crate::engine::{
+    CloseReason, ConnKey, Ctx, EngineError, Handle, HandleError, Keepalive, ListenOptions,
+    ListenerId, Message, RoleId, SendError, TimerKey,
+};
+use crate::role::{OnFrameError, Role};
+
+/// Timer token for the stdin publisher's `flush_idle` check (connection
+/// timers use `ConnKey::to_u64`, whose index never reaches `u32::MAX`).
+const STDIN_TOKEN: u64 = u64::MAX;
+/// Bytes read from stdin per message to the loop.
+const STDIN_CHUNK: usize = 16 * 1024;
+
+/// A record to publish, handed to the role from another thread; see [`publish`].
+#[derive(Debug)]
+pub struct Publish(pub Bytes);
+
+/// What the stdin reader thread sends the loop.
+#[derive(Debug)]
+enum StdinInput {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// Publish `record` on the broadcast role `role` from any thread. The bytes go
+/// out exactly as given, so they must already be one whole record in the
+/// role's framing (a line with its newline, or a length prefix and payload).
+///
+/// # Errors
+/// [`HandleError::Full`] when the engine's inbox is full (try again),
+/// [`HandleError::Stopped`] when the engine is gone.
+pub fn publish(handle: &Handle, role: RoleId, record: Bytes) -> Result<(), HandleError> {
+    handle.send(role, Box::new(Publish(record)))
+}
+
+/// Counters of one broadcast role, readable from any thread ([`Broadcast::stats`]).
+#[derive(Debug, Default)]
+pub struct BroadcastStats {
+    /// Records published.
+    pub records_in: AtomicU64,
+    /// Record deliveries queued to subscribers.
+    pub deliveries: AtomicU64,
+    /// Records dropped for slow subscribers (drop-oldest / drop-newest).
+    pub dropped_records: AtomicU64,
+    /// Subscribers disconnected as too slow (queue full or stalled).
+    pub slow_disconnects: AtomicU64,
+    /// Subscribers now.
+    pub subscribers: AtomicU64,
+    /// Connections refused (allow list, max_subscribers, max_publishers).
+    pub refused: AtomicU64,
+    /// Records longer than `max_record` (dropped, or the publisher closed).
+    pub oversized: AtomicU64,
+    /// Partial records discarded because their publisher went away.
+    pub partial_discarded: AtomicU64,
+    /// Partial lines published by `flush_idle`.
+    pub flushed_partial: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    key: ConnKey,
+    peer: SocketAddr,
+    /// Records dropped for it since it last caught up.
+    dropping: u64,
+}
+
+#[derive(Debug)]
+struct Publisher {
+    key: ConnKey,
+    peer: SocketAddr,
+    oversize_logged: bool,
+    flush_timer: Option<TimerKey>,
+}
+
+/// Records from standard input, decoded on the loop thread.
+#[derive(Debug)]
+struct StdinState {
+    decoder: Decoder,
+    buf: Vec<u8>,
+    last_input: Instant,
+    flush_timer: Option<TimerKey>,
+    oversize_logged: bool,
+    /// A length-prefixed stream broke its framing: ignore the rest.
+    broken: bool,
+}
+
+/// Every record to every subscriber. See the module docs and README.
+#[derive(Debug)]
+pub struct Broadcast {
+    config: BroadcastConfig,
+    subscriber_listener: Option<ListenerId>,
+    ingest_listener: Option<ListenerId>,
+    subscribers: Vec<Subscriber>,
+    publishers: Vec<Publisher>,
+    replay: VecDeque<Bytes>,
+    stdin: Option<StdinState>,
+    stats: Arc<BroadcastStats>,
+}
+
+// ===== impl Broadcast =====
+
+impl Broadcast {
+    /// A broadcast role as configured by one `[[broadcast]]` table.
+    pub fn new(config: &BroadcastConfig) -> Broadcast {
+        Broadcast {
+            subscribers: Vec::with_capacity(config.max_subscribers.min(1024)),
+            publishers: Vec::new(),
+            replay: VecDeque::with_capacity(config.replay),
+            stdin: None,
+            subscriber_listener: None,
+            ingest_listener: None,
+            stats: Arc::new(BroadcastStats::default()),
+            config: config.clone(),
+        }
+    }
+
+    /// The role's counters (shared; keep the `Arc` before adding the role).
+    pub fn stats(&self) -> Arc<BroadcastStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn allowed(&self, peer: SocketAddr) -> bool {
+        self.config.allow.is_empty() || self.config.allow.iter().any(|c| c.contains(peer.ip()))
+    }
+
+    /// Publish one record: store it once, queue a refcount to every subscriber.
+    fn publish(&mut self, ctx: &mut Ctx<'_>, record: Bytes) {
+        bump(&self.stats.records_in);
+        if self.config.replay > 0 {
+            if self.replay.len() == self.config.replay {
+                self.replay.pop_front();
+            }
+            self.replay.push_back(record.clone());
+        }
+        let mut i = 0;
+        while i < self.subscribers.len() {
+            if self.deliver(ctx, i, &record) {
+                i += 1;
+            } else {
+                self.subscribers.swap_remove(i);
+                self.stats
+                    .subscribers
+                    .store(self.subscribers.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queue `record` for subscriber `i`, applying the slow policy when its
+    /// queue is full. Returns false if the subscriber was disconnected.
+    fn deliver(&mut self, ctx: &mut Ctx<'_>, i: usize, record: &Bytes) -> bool {
+        let Some(sub) = self.subscribers.get_mut(i) else {
+            return false;
+        };
+        let key = sub.key;
+        let full_records = ctx.queued_buffers(key).unwrap_or(0) >= self.config.queue_records;
+        let sent = if full_records {
+            Err(SendError::Full)
+        } else {
+            ctx.send_bytes(key, record.clone())
+        };
+        match sent {
+            Ok(()) => {
+                bump(&self.stats.deliveries);
+                true
+            }
+            // Gone already: `on_closed` will remove it.
+            Err(SendError::Closed) => true,
+            Err(SendError::Full) => {
+                let queued = ctx.queued(key).unwrap_or(0);
+                match self.config.slow {
+                    SlowPolicy::Disconnect => {
+                        warn!(
+                            "{}: subscriber {} too slow ({queued} bytes queued); disconnecting",
+                            self.config.name, sub.peer
+                        );
+                        bump(&self.stats.slow_disconnects);
+                        ctx.abort(key);
+                        return false;
+                    }
+                    SlowPolicy::DropOldest => {
+                        let need = if full_records { 0 } else { record.len() };
+                        let dropped = ctx.drop_oldest(key, need);
+                        let mut lost = dropped.buffers as u64;
+                        let room = !full_records || dropped.buffers > 0;
+                        if !(room && ctx.send_bytes(key, record.clone()).is_ok()) {
+                            lost += 1;
+                        } else {
+                            bump(&self.stats.deliveries);
+                        }
+                        self.note_drops(i, lost, queued, "drop-oldest");
+                    }
+                    SlowPolicy::DropNewest => self.note_drops(i, 1, queued, "drop-newest"),
+                }
+                true
+            }
+        }
+    }
+
+    fn note_drops(&mut self, i: usize, n: u64, queued: usize, policy: &str) {
+        let Some(sub) = self.subscribers.get_mut(i) else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        if sub.dropping == 0 {
+            warn!(
+                "{}: subscriber {} too slow ({queued} bytes queued); dropping records ({policy})",
+                self.config.name, sub.peer
+            );
+        }
+        sub.dropping += n;
+        self.stats.dropped_records.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_subscriber(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
+        if self.subscribers.len() >= self.config.max_subscribers {
+            warn!(
+                "{}: refused subscriber {peer}: max_subscribers ({}) reached",
+                self.config.name, self.config.max_subscribers
+            );
+            bump(&self.stats.refused);
+            ctx.abort(key);
+            return;
+        }
+        let keepalive = Keepalive {
+            idle: self.config.keepalive,
+            interval: self.config.keepalive_interval,
+            user_timeout: Some(self.config.user_timeout),
+        };
+        if let Err(e) = ctx.set_keepalive(key, keepalive) {
+            debug!("{key}: cannot set keepalive: {e}");
+        }
+        ctx.set_stall_timeout(key, Some(self.config.stall_timeout));
+        debug!("{}: subscriber {peer} joined ({key})", self.config.name);
+        self.subscribers.push(Subscriber {
+            key,
+            peer,
+            dropping: 0,
+        });
+        self.stats
+            .subscribers
+            .store(self.subscribers.len() as u64, Ordering::Relaxed);
+        let i = self.subscribers.len() - 1;
+        let replay: Vec<Bytes> = self.replay.iter().cloned().collect();
+        for record in &replay {
+            if !self.deliver(ctx, i, record) {
+                self.subscribers.swap_remove(i);
+                self.stats
+                    .subscribers
+                    .store(self.subscribers.len() as u64, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn add_publisher(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
+        if self.publishers.len() >= self.config.max_publishers {
+            warn!(
+                "{}: refused publisher {peer}: max_publishers ({}) reached",
+                self.config.name, self.config.max_publishers
+            );
+            bump(&self.stats.refused);
+            ctx.abort(key);
+            return;
+        }
+        debug!("{}: publisher {peer} connected ({key})", self.config.name);
+        let flush_timer = self
+            .config
+            .flush_idle
+            .map(|d| ctx.set_timer(ctx.now() + d, key.to_u64()));
+        self.publishers.push(Publisher {
+            key,
+            peer,
+            oversize_logged: false,
+            flush_timer,
+        });
+    }
+
+    fn start_stdin(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
+        let handle = ctx.handle();
+        let role = ctx.role_id();
+        std::thread::Builder::new()
+            .name("stdin-ingest".into())
+            .spawn(move || read_stdin(&handle, role))
+            .map_err(|e| EngineError::Role {
+                role: "broadcast".to_owned(),
+                message: format!("cannot start the stdin reader: {e}"),
+            })?;
+        self.stdin = Some(StdinState {
+            decoder: Decoder::new(self.config.framing.framing(self.config.max_record)),
+            buf: Vec::with_capacity(2 * STDIN_CHUNK),
+            last_input: ctx.now(),
+            flush_timer: None,
+            oversize_logged: false,
+            broken: false,
+        });
+        Ok(())
+    }
+
+    /// Decode records from stdin input buffered on the loop thread.
+    fn stdin_input(&mut self, ctx: &mut Ctx<'_>, input: StdinInput) {
+        let Some(mut st) = self.stdin.take() else {
+            return;
+        };
+        let eof = match input {
+            StdinInput::Data(bytes) if !st.broken => {
+                st.buf.extend_from_slice(&bytes);
+                st.last_input = ctx.now();
+                false
+            }
+            StdinInput::Data(_) => false,
+            StdinInput::Eof => true,
+        };
+        let mut used = 0;
+        while !st.broken {
+            let rest = st.buf.get(used..).unwrap_or_default();
+            match st.decoder.decode(rest) {
+                Ok(Decoded::Frame(frame, n)) => {
+                    let record = Bytes::copy_from_slice(frame.raw);
+                    used += n;
+                    self.publish(ctx, record);
+                }
+                Ok(Decoded::Skipped(n)) => used += n,
+                Ok(Decoded::NeedMore) => break,
+                Err(e) => {
+                    bump(&self.stats.oversized);
+                    if !st.oversize_logged {
+                        st.oversize_logged = true;
+                        warn!("{}: stdin: {e}; {}", self.config.name, self.oversize_rule());
+                    }
+                    if !st.decoder.resync() {
+                        st.broken = true;
+                    }
+                }
+            }
+        }
+        st.buf.drain(..used.min(st.buf.len()));
+        if st.broken {
+            st.buf.clear();
+        }
+        if eof {
+            self.finish_stdin(ctx, &mut st);
+            return;
+        }
+        if let Some(d) = self.config.flush_idle
+            && !st.buf.is_empty()
+            && st.flush_timer.is_none()
+        {
+            st.flush_timer = Some(ctx.set_timer(st.last_input + d, STDIN_TOKEN));
+        }
+        self.stdin = Some(st);
+    }
+
+    /// Stdin closed: a final partial line is published with `flush_idle`
+    /// (the input is complete), otherwise discarded and counted.
+    fn finish_stdin(&mut self, ctx: &mut Ctx<'_>, st: &mut StdinState) {
+        if let Some(t) = st.flush_timer.take() {
+            ctx.cancel_timer(t);
+        }
+        if !st.buf.is_empty() {
+            if self.config.flush_idle.is_some() {
+                bump(&self.stats.flushed_partial);
+                let record = Bytes::copy_from_slice(&st.buf);
+                self.publish(ctx, record);
+            } else {
+                bump(&self.stats.partial_discarded);
+                info!(
+                    "{}: stdin ended inside a record; {} bytes discarded",
+                    self.config.name,
+                    st.buf.len()
+                );
+            }
+        }
+        info!("{}: stdin closed", self.config.name);
+    }
+
+    fn oversize_rule(&self) -> &'static str {
+        match self.config.framing {
+            RecordFraming::Line => "record dropped up to the next newline (counted; logged once)",
+            RecordFraming::U16 | RecordFraming::U32 => "closing the publisher",
+        }
+    }
+
+    /// `flush_idle` for a TCP publisher: publish a partial line that has been
+    /// silent long enough, and check again later.
+    fn flush_publisher(&mut self, ctx: &mut Ctx<'_>, key: ConnKey) {
+        let Some(flush) = self.config.flush_idle else {
+            return;
+        };
+        let Some(p) = self.publishers.iter_mut().find(|p| p.key == key) else {
+            return;
+        };
+        p.flush_timer = None;
+        let Some(last) = ctx.last_read(key) else {
+            return;
+        };
+        let now = ctx.now();
+        let pending = ctx.pending_input(key).len();
+        let at = if pending > 0 && now >= last + flush {
+            let record = Bytes::copy_from_slice(ctx.pending_input(key));
+            ctx.consume_input(key, pending);
+            bump(&self.stats.flushed_partial);
+            debug!(
+                "{}: {key}: partial line of {pending} bytes flushed",
+                self.config.name
+            );
+            self.publish(ctx, record);
+            now + flush
+        } else if pending > 0 {
+            last + flush
+        } else {
+            now + flush
+        };
+        let t = ctx.set_timer(at, key.to_u64());
+        if let Some(p) = self.publishers.iter_mut().find(|p| p.key == key) {
+            p.flush_timer = Some(t);
+        }
+    }
+
+    fn flush_stdin(&mut self, ctx: &mut Ctx<'_>) {
+        let (Some(flush), Some(mut st)) = (self.config.flush_idle, self.stdin.take()) else {
+            return;
+        };
+        st.flush_timer = None;
+        let now = ctx.now();
+        if !st.buf.is_empty() {
+            if now >= st.last_input + flush {
+                bump(&self.stats.flushed_partial);
+                let record = Bytes::copy_from_slice(&st.buf);
+                st.buf.clear();
+                st.decoder.reset();
+                self.publish(ctx, record);
+            } else {
+                st.flush_timer = Some(ctx.set_timer(st.last_input + flush, STDIN_TOKEN));
+            }
+        }
+        self.stdin = Some(st);
+    }
+}
+
+/// The stdin reader thread: chunks to the loop, back-pressured by the inbox
+/// (it waits while the inbox is full, so nothing read is lost).
+fn read_stdin(handle: &Handle, role: RoleId) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; STDIN_CHUNK];
+    loop {
+        let msg = match stdin.read(&mut buf) {
+            Ok(0) => StdinInput::Eof,
+            Ok(n) => StdinInput::Data(buf.get(..n).unwrap_or_default().to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("stdin: {e}; treating it as the end of input");
+                StdinInput::Eof
+            }
+        };
+        let eof = matches!(msg, StdinInput::Eof);
+        if handle.send_wait(role, Box::new(msg)).is_err() || eof {
+            return;
+        }
+    }
+}
+
+impl Role for Broadcast {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
+        let framing = self.config.framing.framing(self.config.max_record);
+        let subs = ListenOptions {
+            queue_bytes: self.config.queue_bytes,
+            ..ListenOptions::default()
+        };
+        let id = ctx.listen(self.config.listen, subs)?;
+        self.subscriber_listener = Some(id);
+        let sub_addr = ctx.listener_addr(id).unwrap_or(self.config.listen);
+        let ingest = match self.config.ingest {
+            Some(Ingest::Tcp(addr)) => {
+                let opts = ListenOptions {
+                    framing,
+                    ..ListenOptions::default()
+                };
+                let id = ctx.listen(addr, opts)?;
+                self.ingest_listener = Some(id);
+                format!("publishers on {}", ctx.listener_addr(id).unwrap_or(addr))
+            }
+            Some(Ingest::Stdin) => {
+                self.start_stdin(ctx)?;
+                "publisher on stdin".to_owned()
+            }
+            None => "library publishing only".to_owned(),
+        };
+        info!(
+            "broadcast '{}' listening for subscribers on {sub_addr}, {ingest}",
+            self.config.name
+        );
+        Ok(())
+    }
+
+    fn on_accept(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        listener: ListenerId,
+        conn: ConnKey,
+        peer: SocketAddr,
+    ) {
+        let subscriber = Some(listener) == self.subscriber_listener;
+        if !self.allowed(peer) {
+            let what = if subscriber {
+                "subscriber"
+            } else {
+                "publisher"
+            };
+            warn!(
+                "{}: refused {what} {peer}: not in the allow list",
+                self.config.name
+            );
+            bump(&self.stats.refused);
+            ctx.abort(conn);
+            return;
+        }
+        if subscriber {
+            self.add_subscriber(ctx, conn, peer);
+        } else {
+            self.add_publisher(ctx, conn, peer);
+        }
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
+        // Subscribers' own bytes are read (so the socket drains) and discarded.
+        if self.publishers.iter().any(|p| p.key == conn) {
+            self.publish(ctx, Bytes::copy_from_slice(frame.raw));
+        }
+    }
+
+    fn on_frame_error(
+        &mut self,
+        _: &mut Ctx<'_>,
+        conn: ConnKey,
+        error: FrameError,
+    ) -> OnFrameError {
+        bump(&self.stats.oversized);
+        let rule = self.oversize_rule();
+        if let Some(p) = self.publishers.iter_mut().find(|p| p.key == conn)
+            && !p.oversize_logged
+        {
+            p.oversize_logged = true;
+            warn!(
+                "{}: publisher {}: {error}; {rule}",
+                self.config.name, p.peer
+            );
+        }
+        OnFrameError::Resync
+    }
+
+    fn on_read_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        // A publisher that finished cleanly: with flush_idle its last,
+        // unterminated line is complete and is published now.
+        let pending = ctx.pending_input(conn).len();
+        if pending > 0
+            && self.config.flush_idle.is_some()
+            && self.publishers.iter().any(|p| p.key == conn)
+        {
+            let record = Bytes::copy_from_slice(ctx.pending_input(conn));
+            ctx.consume_input(conn, pending);
+            bump(&self.stats.flushed_partial);
+            self.publish(ctx, record);
+        }
+        ctx.close(conn);
+    }
+
+    fn on_writable(&mut self, _: &mut Ctx<'_>, conn: ConnKey) {
+        if let Some(sub) = self.subscribers.iter_mut().find(|s| s.key == conn)
+            && sub.dropping > 0
+        {
+            info!(
+                "{}: subscriber {} caught up after {} dropped records",
+                self.config.name, sub.peer, sub.dropping
+            );
+            sub.dropping = 0;
+        }
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        if let Some(i) = self.subscribers.iter().position(|s| s.key == conn) {
+            let sub = self.subscribers.swap_remove(i);
+            self.stats
+                .subscribers
+                .store(self.subscribers.len() as u64, Ordering::Relaxed);
+            if reason == CloseReason::Stalled {
+                bump(&self.stats.slow_disconnects);
+                warn!(
+                    "{}: subscriber {} closed: queue stalled for {:?}",
+                    self.config.name, sub.peer, self.config.stall_timeout
+                );
+            } else {
+                debug!(
+                    "{}: subscriber {} left ({reason})",
+                    self.config.name, sub.peer
+                );
+            }
+            return;
+        }
+        if let Some(i) = self.publishers.iter().position(|p| p.key == conn) {
+            let p = self.publishers.swap_remove(i);
+            if let Some(t) = p.flush_timer {
+                ctx.cancel_timer(t);
+            }
+            let partial = ctx.pending_input(conn).len();
+            if partial > 0 {
+                bump(&self.stats.partial_discarded);
+                info!(
+                    "{}: publisher {} left inside a record ({reason}); {partial} bytes discarded",
+                    self.config.name, p.peer
+                );
+            } else {
+                debug!("{}: publisher {} left ({reason})", self.config.name, p.peer);
+            }
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, token: u64) {
+        if token == STDIN_TOKEN {
+            self.flush_stdin(ctx);
+        } else {
+            self.flush_publisher(ctx, ConnKey::from_u64(token));
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let msg = match msg.downcast::<Publish>() {
+            Ok(p) => return self.publish(ctx, p.0),
+            Err(other) => other,
+        };
+        if let Ok(input) = msg.downcast::<StdinInput>() {
+            self.stdin_input(ctx, *input);
+        }
+    }
+}
