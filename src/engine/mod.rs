@@ -961,6 +961,8 @@ impl Engine {
             };
             let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
             debug!("{key} closed ({reason})");
+            Stats::sub(&self.core.shared.stats.connections, 1);
+            Stats::add(&self.core.shared.stats.closed_total, 1);
             // The role runs while the slot is still taken: its key is stale for
             // every call but `Ctx::pending_input`, which shows unconsumed input.
             if never_connected {
@@ -973,8 +975,6 @@ impl Engine {
             if let Some(b) = c.rx {
                 self.core.pool.give_back(b);
             }
-            Stats::sub(&self.core.shared.stats.connections, 1);
-            Stats::add(&self.core.shared.stats.closed_total, 1);
             if self.core.conns.len() < self.core.config.max_connections {
                 self.core.limit_logged = false;
             }
