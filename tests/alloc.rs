@@ -126,6 +126,60 @@ fn allocation_budget() {
     steady_state_echo_allocates_nothing(64);
     steady_state_echo_allocates_nothing(16 * 1024);
     an_idle_connection_costs_at_most_1k_of_heap();
+    let one = broadcast_allocations_per_record(1);
+    let many = broadcast_allocations_per_record(50);
+    eprintln!("broadcast: {one:.2} allocations per record with 1 subscriber, {many:.2} with 50");
+    assert!(
+        many <= one + 0.05,
+        "allocations per published record grew with the subscribers: {one:.2} (1) vs {many:.2} (50)"
+    );
+    assert!(one <= 3.0, "{one:.2} allocations per published record");
+}
+
+/// Publish records one at a time to `subscribers` readers (lock-step, so every
+/// queue drains between records) and return the allocations per record, all
+/// threads included, after a warm-up.
+fn broadcast_allocations_per_record(subscribers: usize) -> f64 {
+    const WARM_UP: usize = 200;
+    const RECORDS: usize = 2_000;
+    let engine =
+        TestEngine::start("[[broadcast]]\nlisten = \"127.0.0.1:0\"\ningest = \"127.0.0.1:0\"\n");
+    let (sub_addr, ingest_addr) = (engine.addrs[0], engine.addrs[1]);
+    let mut subs: Vec<TcpStream> = (0..subscribers).map(|_| connect(sub_addr)).collect();
+    let h = &engine.handle;
+    wait_for(
+        "the subscribers to be accepted",
+        Duration::from_secs(10),
+        || h.connections() == subscribers as u64,
+        || brief(&h.stats()),
+    );
+    let mut publisher = connect(ingest_addr);
+    let record = *b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
+    let mut back = [0u8; 64];
+    let mut lock_step = |n: usize, subs: &mut [TcpStream], back: &mut [u8; 64]| {
+        for _ in 0..n {
+            publisher.write_all(&record).unwrap();
+            for s in subs.iter_mut() {
+                s.read_exact(back).unwrap();
+            }
+        }
+    };
+    lock_step(WARM_UP, &mut subs, &mut back);
+    assert_eq!(back, record);
+    let before = allocations();
+    lock_step(RECORDS, &mut subs, &mut back);
+    let during = allocations() - before;
+    assert_eq!(back, record);
+    drop(publisher);
+    drop(subs);
+    wait_for(
+        "the connections to close",
+        Duration::from_secs(10),
+        || h.connections() == 0,
+        || brief(&h.stats()),
+    );
+    engine.stop();
+    during as f64 / RECORDS as f64
 }
 
 fn an_idle_connection_costs_at_most_1k_of_heap() {
