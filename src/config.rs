@@ -47,6 +47,12 @@ max_connections = 1024
 name = "echo"
 listen = "127.0.0.1:7007"
 idle_timeout = "5m"
+
+[[broadcast]]
+name = "pos"
+listen = "127.0.0.1:7000"
+ingest = "127.0.0.1:7001"
+replay = 10
 "#;
 
 /// The whole configuration file.
@@ -707,6 +713,10 @@ mod tests {
         let c = Config::builtin().unwrap();
         assert!(!c.echo.is_empty());
         assert!(c.echo.iter().all(|e| e.listen.ip().is_loopback()));
+        assert!(c.broadcast.iter().all(|b| {
+            b.listen.ip().is_loopback()
+                && matches!(b.ingest, Some(Ingest::Tcp(a)) if a.ip().is_loopback())
+        }));
     }
 
     #[test]
