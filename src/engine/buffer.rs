@@ -200,11 +200,12 @@ impl SendQueue {
     }
 
     /// Drop whole shared buffers from the front (after a partly written one,
-    /// which must finish) until `need` more bytes fit or none are left.
-    pub(crate) fn drop_oldest(&mut self, need: usize) -> super::ctx::Dropped {
+    /// which must finish) until `need` more bytes fit and at most
+    /// `keep_buffers` remain, or nothing droppable is left.
+    pub(crate) fn drop_oldest(&mut self, need: usize, keep_buffers: usize) -> super::ctx::Dropped {
         let mut dropped = super::ctx::Dropped::default();
         let first = usize::from(self.front_started);
-        while self.limit - self.len < need {
+        while self.limit - self.len < need || self.chunks.len() > keep_buffers {
             match self.chunks.get(first) {
                 Some(Chunk::Shared(b)) => {
                     let n = b.len();
@@ -512,7 +513,7 @@ mod tests {
         q.advance(2, &mut pool); // "aa" of the first record is on the wire
         assert_eq!(q.len(), 10);
         // Room for 5 more: the partly written record stays, "bbbb" goes.
-        let d = q.drop_oldest(5);
+        let d = q.drop_oldest(5, usize::MAX);
         assert_eq!((d.buffers, d.bytes), (1, 4));
         assert_eq!(q.buffers(), 2);
         q.push_shared(Bytes::from_static(b"ddddd")).unwrap();
@@ -520,7 +521,12 @@ mod tests {
         // Nothing droppable: nothing happens.
         q.push_shared(Bytes::from_static(b"eeee")).unwrap();
         q.advance(1, &mut pool);
-        assert_eq!(q.drop_oldest(100).buffers, 0);
+        assert_eq!(q.drop_oldest(100, usize::MAX).buffers, 0);
+        // A buffer-count bound: keep at most one besides the started one.
+        q.push_shared(Bytes::from_static(b"ff")).unwrap();
+        q.push_shared(Bytes::from_static(b"gg")).unwrap();
+        assert_eq!(q.drop_oldest(0, 2).buffers, 1);
+        assert_eq!(q.buffers(), 2);
     }
 
     proptest::proptest! {

@@ -211,12 +211,12 @@ impl Ctx<'_> {
     }
 
     /// Drop whole queued buffers (each `send_bytes` call queues one, e.g. one
-    /// record) from the front of `key`'s queue until `need` more bytes fit,
-    /// never touching a buffer that is partly written. Returns how many
-    /// buffers and bytes were dropped.
-    pub fn drop_oldest(&mut self, key: ConnKey, need: usize) -> Dropped {
+    /// record) from the front of `key`'s queue until `need` more bytes fit and
+    /// at most `keep_buffers` buffers remain, never touching a buffer that is
+    /// partly written. Returns how many buffers and bytes were dropped.
+    pub fn drop_oldest(&mut self, key: ConnKey, need: usize, keep_buffers: usize) -> Dropped {
         match self.core.conn_mut(key) {
-            Some(c) => c.tx.drop_oldest(need),
+            Some(c) => c.tx.drop_oldest(need, keep_buffers),
             None => Dropped::default(),
         }
     }

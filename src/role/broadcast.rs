@@ -203,14 +203,14 @@ impl Broadcast {
                         return false;
                     }
                     SlowPolicy::DropOldest => {
-                        let need = if full_records { 0 } else { record.len() };
-                        let dropped = ctx.drop_oldest(key, need);
+                        let keep = self.config.queue_records - 1;
+                        let dropped = ctx.drop_oldest(key, record.len(), keep);
                         let mut lost = dropped.buffers as u64;
-                        let room = !full_records || dropped.buffers > 0;
-                        if !(room && ctx.send_bytes(key, record.clone()).is_ok()) {
-                            lost += 1;
-                        } else {
+                        let room = ctx.queued_buffers(key).is_some_and(|n| n <= keep);
+                        if room && ctx.send_bytes(key, record.clone()).is_ok() {
                             bump(&self.stats.deliveries);
+                        } else {
+                            lost += 1;
                         }
                         self.note_drops(i, lost, queued, "drop-oldest");
                     }
