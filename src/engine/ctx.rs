@@ -2,8 +2,9 @@
 //!
 //! Invariant: a role never touches a socket. It queues bytes, closes, pauses,
 //! opens listeners and connections, and sets timers through `Ctx`; the engine
-//! performs the I/O later in the same turn. A stale [`ConnKey`] is harmless: every
-//! call checks the generation and does nothing (or returns an error) for it.
+//! performs the I/O later in the same turn (at once for [`Ctx::flush`]). A
+//! stale [`ConnKey`] is harmless: every call checks the generation and does
+//! nothing (or returns an error) for it.
 
 use std::fmt;
 use std::io;
@@ -208,6 +209,22 @@ impl Ctx<'_> {
             core.forward_to = Some(to);
         }
         core.after_push(to.index as usize, r, was_empty)
+    }
+
+    /// Write `key`'s queue to its socket now, as far as the socket takes it,
+    /// instead of later in this turn. For a role that fans one read out to
+    /// many queues: a queue then counts as full only when its peer is really
+    /// behind, not because one turn queued more than its bound. Returns the
+    /// bytes written (0 for a stale key or a socket that is not writable).
+    pub fn flush(&mut self, key: ConnKey) -> usize {
+        if self.core.conn(key).is_none() {
+            return 0;
+        }
+        let idx = key.index as usize;
+        let written = self.core.write_queued(idx);
+        // The pump later in the turn tells the role (`on_writable`) if it asked.
+        self.core.mark_ready(idx);
+        written
     }
 
     /// Drop whole queued buffers (each `send_bytes` call queues one, e.g. one

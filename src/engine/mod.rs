@@ -755,63 +755,23 @@ impl Engine {
         false
     }
 
-    /// Write queued bytes with vectored writes until `WouldBlock` or empty.
+    /// Write queued bytes until `WouldBlock` or empty; once empty, tell the
+    /// role if it asked to hear of it.
     fn flush(&mut self, idx: usize) {
-        let core = &mut self.core;
-        let Some(c) = core.conns.get_mut(idx) else {
+        self.core.write_queued(idx);
+        let Some(c) = self.core.conns.get_mut(idx) else {
             return;
         };
-        if !matches!(c.state, State::Open | State::Closing) {
+        if c.state != State::Open || !c.tx.is_empty() || !c.notify_writable {
             return;
         }
+        c.notify_writable = false;
         let key = ConnKey {
             index: idx as u32,
             generation: c.generation,
         };
-        while !c.tx.is_empty() && c.readiness.event & WRITABLE != 0 {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let n = c.tx.gather(&mut iov);
-            let offered: usize = iov.iter().take(n).map(|s| s.len()).sum();
-            let res = c.sock.write_vectored(iov.get(..n).unwrap_or_default());
-            match res {
-                Ok(0) => {
-                    core.close_now(idx, CloseReason::Io(io::ErrorKind::WriteZero));
-                    return;
-                }
-                Ok(w) => {
-                    trace!("{key} wrote {w} bytes");
-                    if SHORT_IO_DRAINS && w < offered {
-                        c.readiness.event &= !WRITABLE;
-                    }
-                    c.tx.advance(w, &mut core.pool);
-                    c.last_progress = core.now;
-                    Stats::add(&core.shared.stats.bytes_out_total, w as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.readiness.event &= !WRITABLE;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    debug!("{key} write failed: {e}");
-                    core.close_now(idx, CloseReason::Io(e.kind()));
-                    return;
-                }
-            }
-        }
-        if !c.tx.is_empty() {
-            return;
-        }
-        c.tx.release(&mut core.pool);
-        if c.state == State::Closing {
-            let reason = c.reason;
-            core.close_now(idx, reason);
-            return;
-        }
-        if c.notify_writable {
-            c.notify_writable = false;
-            let role = c.role;
-            self.call(role, |r, ctx| r.on_writable(ctx, key));
-        }
+        let role = c.role;
+        self.call(role, |r, ctx| r.on_writable(ctx, key));
     }
 
     /// A stall timer fired: close if the queue has been non-empty and unmoved
@@ -1114,6 +1074,64 @@ impl Core {
         if let Err(frame) = filled {
             self.pool.give_back(frame);
         }
+    }
+
+    /// Write queued bytes with vectored writes until `WouldBlock` or empty;
+    /// once empty, give the queue's blocks back and finish a graceful close.
+    /// Returns the bytes written. Never calls a role, so [`Ctx::flush`] can
+    /// use it from inside a callback.
+    fn write_queued(&mut self, idx: usize) -> usize {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return 0;
+        };
+        if !matches!(c.state, State::Open | State::Closing) {
+            return 0;
+        }
+        let key = ConnKey {
+            index: idx as u32,
+            generation: c.generation,
+        };
+        let mut total = 0;
+        while !c.tx.is_empty() && c.readiness.event & WRITABLE != 0 {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n = c.tx.gather(&mut iov);
+            let offered: usize = iov.iter().take(n).map(|s| s.len()).sum();
+            let res = c.sock.write_vectored(iov.get(..n).unwrap_or_default());
+            match res {
+                Ok(0) => {
+                    self.close_now(idx, CloseReason::Io(io::ErrorKind::WriteZero));
+                    return total;
+                }
+                Ok(w) => {
+                    trace!("{key} wrote {w} bytes");
+                    if SHORT_IO_DRAINS && w < offered {
+                        c.readiness.event &= !WRITABLE;
+                    }
+                    c.tx.advance(w, &mut self.pool);
+                    c.last_progress = self.now;
+                    total += w;
+                    Stats::add(&self.shared.stats.bytes_out_total, w as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readiness.event &= !WRITABLE;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{key} write failed: {e}");
+                    self.close_now(idx, CloseReason::Io(e.kind()));
+                    return total;
+                }
+            }
+        }
+        if !c.tx.is_empty() {
+            return total;
+        }
+        c.tx.release(&mut self.pool);
+        if c.state == State::Closing {
+            let reason = c.reason;
+            self.close_now(idx, reason);
+        }
+        total
     }
 
     /// Take a slab slot, register the socket once, insert the connection.

@@ -177,12 +177,20 @@ impl Broadcast {
             return false;
         };
         let key = sub.key;
-        let full_records = ctx.queued_buffers(key).unwrap_or(0) >= self.config.queue_records;
-        let sent = if full_records {
-            Err(SendError::Full)
-        } else {
-            ctx.send_bytes(key, record.clone())
+        let queue_records = self.config.queue_records;
+        let try_send = |ctx: &mut Ctx<'_>| {
+            if ctx.queued_buffers(key).unwrap_or(0) >= queue_records {
+                Err(SendError::Full)
+            } else {
+                ctx.send_bytes(key, record.clone())
+            }
         };
+        let mut sent = try_send(ctx);
+        // One read from a publisher can carry more records than a queue
+        // holds: write what the socket takes before calling anyone slow.
+        if sent == Err(SendError::Full) && ctx.flush(key) > 0 {
+            sent = try_send(ctx);
+        }
         match sent {
             Ok(()) => {
                 bump(&self.stats.deliveries);
