@@ -9,7 +9,8 @@
 //!   subscriber has the last record) and the server's CPU time per delivered
 //!   record (the engine thread's run time from `/proc/<tid>/schedstat`, which
 //!   on loopback includes the kernel's TCP send and receive processing done in
-//!   its context), plus how busy the engine thread was;
+//!   its context), how busy the engine thread was and how many records it
+//!   delivered per loop turn;
 //! - latency: the publisher sends 1,000 records/s, each carrying its send time
 //!   (nanoseconds since an `Instant` epoch shared by the whole process); every
 //!   subscriber computes receive - send for every record. p50/p99/p99.9/max
@@ -24,7 +25,9 @@
 //!
 //! Subscribers are read by a few reader threads (`SWITCHBOARD_BENCH_READERS`,
 //! default: CPUs - 1, between 1 and 4), each polling its share of the
-//! non-blocking sockets with its own `mio::Poll`. Throughput runs check every
+//! non-blocking sockets with its own `mio::Poll`; their CPU time per delivery
+//! is printed next to the engine's, to show the load generator is not what
+//! limits the run. Throughput runs check every
 //! record's newline and the sequence number of the first record of every read;
 //! latency runs parse every record (newline, sequence number, timestamp).
 //!
@@ -344,6 +347,8 @@ struct ReaderOut {
     last: Instant,
     /// Latency samples in nanoseconds (latency mode).
     samples: Vec<u64>,
+    /// CPU time this reader thread used from the start signal to the end.
+    cpu_ns: Option<u64>,
     /// The connections, kept open until the engine's counters are checked.
     _subs: Vec<Sub>,
 }
@@ -448,7 +453,9 @@ fn reader(
     }
     let mut left = subs.len();
     let mut last = Instant::now();
+    let task = this_task();
     go.wait();
+    let cpu0 = task.as_deref().and_then(task_cpu_ns);
     while left > 0 {
         poll.poll(&mut events, Some(Duration::from_millis(100)))?;
         if events.is_empty() && last.elapsed() > STALL {
@@ -503,9 +510,14 @@ fn reader(
             }
         }
     }
+    let cpu_ns = match (cpu0, task.as_deref().and_then(task_cpu_ns)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     Ok(ReaderOut {
         last,
         samples,
+        cpu_ns,
         _subs: subs,
     })
 }
@@ -606,7 +618,10 @@ fn reset_peak_rss() {
 }
 
 fn mib(kib: Option<u64>) -> String {
-    kib.map_or_else(|| "n/a".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+    kib.map_or_else(
+        || "n/a".to_owned(),
+        |k| format!("{:.1} MiB", k as f64 / 1024.0),
+    )
 }
 
 /// One throughput run.
@@ -619,8 +634,10 @@ struct Throughput {
     cpu_ns: Option<f64>,
     /// Engine CPU time / wall time.
     busy: Option<f64>,
-    /// Loop turns per 1,000 deliveries.
-    turns_per_k: f64,
+    /// Reader threads' CPU nanoseconds per delivered record.
+    reader_ns: Option<f64>,
+    /// Deliveries per engine loop turn.
+    per_turn: f64,
     peak_rss_kib: Option<u64>,
 }
 
@@ -635,6 +652,8 @@ struct Latency {
     /// Engine CPU nanoseconds per delivered record, and CPU time / wall time.
     cpu_ns: Option<f64>,
     busy: Option<f64>,
+    /// Reader threads' CPU nanoseconds per delivered record.
+    reader_ns: Option<f64>,
     peak_rss_kib: Option<u64>,
 }
 
@@ -669,13 +688,7 @@ struct Finished {
 
 /// Start the reader threads and the publisher; returns when every subscriber
 /// has everything.
-fn drive(
-    setup: Setup,
-    mode: Mode,
-    n: usize,
-    records: u64,
-    window: u64,
-) -> Result<Finished> {
+fn drive(setup: Setup, mode: Mode, n: usize, records: u64, window: u64) -> Result<Finished> {
     let Setup {
         server,
         publisher,
@@ -722,6 +735,14 @@ fn drive(
     })
 }
 
+/// CPU nanoseconds all reader threads used per delivered record.
+fn reader_cpu(outs: &[ReaderOut], deliveries: f64) -> Option<f64> {
+    outs.iter()
+        .map(|o| o.cpu_ns)
+        .sum::<Option<u64>>()
+        .map(|c| c as f64 / deliveries)
+}
+
 /// The engine dropped or closed nobody during the run.
 fn check_clean(server: &Server, n: usize) -> Result<()> {
     let s = server.handle.stats();
@@ -764,7 +785,8 @@ fn run_throughput(n: usize, plan: &Plan) -> Result<Throughput> {
         rate: deliveries / secs,
         cpu_ns: cpu.map(|c| c / deliveries),
         busy: cpu.map(|c| c / 1e9 / secs),
-        turns_per_k: turns as f64 * 1000.0 / deliveries,
+        reader_ns: reader_cpu(outs, deliveries),
+        per_turn: deliveries / turns.max(1) as f64,
         peak_rss_kib,
     })
 }
@@ -787,12 +809,16 @@ fn run_latency(n: usize, plan: &Plan) -> Result<Latency> {
     let run = drive(setup, Mode::Latency, n, records, records)?;
     let cpu1 = run.server.cpu_ns();
     let end = run.outs.iter().map(|o| o.last).max().unwrap_or(run.t0);
-    let secs = end.saturating_duration_since(run.t0).as_secs_f64().max(1e-9);
+    let secs = end
+        .saturating_duration_since(run.t0)
+        .as_secs_f64()
+        .max(1e-9);
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64),
         _ => None,
     };
     let deliveries = n as f64 * records as f64;
+    let reader_ns = reader_cpu(&run.outs, deliveries);
     let peak_rss_kib = status_kib("VmHWM:");
     check_clean(&run.server, n)?;
     run.server.stop()?;
@@ -806,6 +832,7 @@ fn run_latency(n: usize, plan: &Plan) -> Result<Latency> {
         max: percentile(&samples, 1.0),
         cpu_ns: cpu.map(|c| c / deliveries),
         busy: cpu.map(|c| c / 1e9 / secs),
+        reader_ns,
         peak_rss_kib,
     })
 }
@@ -828,7 +855,8 @@ fn best(a: Throughput, b: Throughput) -> Throughput {
         rate: a.rate.max(b.rate),
         cpu_ns: cpu,
         busy: a.busy.or(b.busy),
-        turns_per_k: a.turns_per_k.min(b.turns_per_k),
+        reader_ns: a.reader_ns.or(b.reader_ns),
+        per_turn: a.per_turn.max(b.per_turn),
         peak_rss_kib: a.peak_rss_kib.max(b.peak_rss_kib),
         ..a
     }
@@ -869,12 +897,13 @@ fn main() -> Result<()> {
         for rep in 1..=plan.repeats {
             let t = run_throughput(n, &plan)?;
             println!(
-                "  throughput N={n:<4} run {rep}: {:>12.0} deliveries/s  {:>6} ns CPU/delivery  \
-                 engine busy {:>4}  {:.2} turns/1k deliveries  peak VmRSS {}",
+                "  throughput N={n:<4} run {rep}: {:>10.0} deliveries/s  {:>6} ns engine CPU/delivery \
+                 (busy {:>4}, {:>7.0} deliveries/turn)  readers {} ns/delivery  peak VmRSS {}",
                 t.rate,
                 opt(t.cpu_ns, 1, ""),
                 opt(t.busy.map(|b| b * 100.0), 0, "%"),
-                t.turns_per_k,
+                t.per_turn,
+                opt(t.reader_ns, 1, ""),
                 mib(t.peak_rss_kib),
             );
             best_run = Some(best_run.map_or(t, |b| best(b, t)));
@@ -888,7 +917,8 @@ fn main() -> Result<()> {
         let l = run_latency(n, &plan)?;
         println!(
             "  latency    N={n:<4}: {} deliveries  p50 {:.0} us  p99 {:.0} us  p99.9 {:.0} us  \
-             max {:.0} us  ({} ns CPU/delivery, engine busy {})  peak VmRSS {}",
+             max {:.0} us  (engine {} ns CPU/delivery, busy {}; readers {} ns/delivery)  \
+             peak VmRSS {}",
             l.samples,
             l.p50,
             l.p99,
@@ -896,6 +926,7 @@ fn main() -> Result<()> {
             l.max,
             opt(l.cpu_ns, 0, ""),
             opt(l.busy.map(|b| b * 100.0), 0, "%"),
+            opt(l.reader_ns, 0, ""),
             mib(l.peak_rss_kib),
         );
         lat.push((n, l));
@@ -941,7 +972,9 @@ fn main() -> Result<()> {
             ),
             None => println!("  server CPU per delivered record: n/a (no /proc schedstat)  MISSED"),
         },
-        None => println!("  server CPU per delivered record: not run (SWITCHBOARD_BENCH_N)"),
+        None => println!(
+            "  server CPU per delivered record: not run (SWITCHBOARD_BENCH_N / SWITCHBOARD_BENCH_ONLY)"
+        ),
     }
     match lat.iter().find(|(m, _)| *m == TARGET_N) {
         Some((_, l)) => println!(
@@ -949,7 +982,7 @@ fn main() -> Result<()> {
             l.p99,
             verdict(l.p99 <= TARGET_P99_US)
         ),
-        None => println!("  p99 latency: not run (SWITCHBOARD_BENCH_N)"),
+        None => println!("  p99 latency: not run (SWITCHBOARD_BENCH_N / SWITCHBOARD_BENCH_ONLY)"),
     }
     Ok(())
 }
