@@ -149,8 +149,9 @@ impl BufferPool {
 /// One queued piece of output.
 #[derive(Debug)]
 enum Chunk {
-    /// A refcounted buffer, possibly shared with other connections' queues.
-    Shared(Bytes),
+    /// A refcounted buffer, possibly shared with other connections' queues,
+    /// holding this many whole records (as the sender counted them).
+    Shared(Bytes, u32),
     /// The next `n` copied bytes. A `Copied` chunk never spans two blocks, so
     /// the chunks map onto the blocks in order.
     Copied(usize),
@@ -176,6 +177,8 @@ pub(crate) struct SendQueue {
     tail_open: bool,
     /// The front chunk is partly written (it must not be dropped).
     front_started: bool,
+    /// Records in the `Shared` chunks.
+    records: usize,
     len: usize,
     limit: usize,
 }
@@ -189,29 +192,31 @@ impl SendQueue {
             blocks: VecDeque::new(),
             tail_open: false,
             front_started: false,
+            records: 0,
             len: 0,
             limit,
         }
     }
 
-    /// Queued buffers (chunks): with `push_shared` only, the number of records.
-    pub(crate) fn buffers(&self) -> usize {
-        self.chunks.len()
+    /// Records queued with [`SendQueue::push_shared`] and not completely written.
+    pub(crate) fn records(&self) -> usize {
+        self.records
     }
 
     /// Drop whole shared buffers from the front (after a partly written one,
     /// which must finish) until `need` more bytes fit and at most
-    /// `keep_buffers` remain, or nothing droppable is left.
-    pub(crate) fn drop_oldest(&mut self, need: usize, keep_buffers: usize) -> super::ctx::Dropped {
+    /// `keep_records` records remain, or nothing droppable is left.
+    pub(crate) fn drop_oldest(&mut self, need: usize, keep_records: usize) -> super::ctx::Dropped {
         let mut dropped = super::ctx::Dropped::default();
         let first = usize::from(self.front_started);
-        while self.limit - self.len < need || self.chunks.len() > keep_buffers {
+        while self.limit - self.len < need || self.records > keep_records {
             match self.chunks.get(first) {
-                Some(Chunk::Shared(b)) => {
-                    let n = b.len();
+                Some(Chunk::Shared(b, r)) => {
+                    let (n, r) = (b.len(), *r as usize);
                     self.chunks.remove(first);
                     self.len -= n;
-                    dropped.buffers += 1;
+                    self.records -= r;
+                    dropped.records += r;
                     dropped.bytes += n;
                 }
                 _ => break,
@@ -233,8 +238,8 @@ impl SendQueue {
         self.len == 0
     }
 
-    /// Queue a shared buffer (a refcount, not a copy).
-    pub(crate) fn push_shared(&mut self, bytes: Bytes) -> Result<(), QueueFull> {
+    /// Queue a shared buffer (a refcount, not a copy) holding `records` records.
+    pub(crate) fn push_shared(&mut self, bytes: Bytes, records: u32) -> Result<(), QueueFull> {
         if bytes.len() > self.limit - self.len {
             return Err(QueueFull);
         }
@@ -242,7 +247,8 @@ impl SendQueue {
             return Ok(());
         }
         self.len += bytes.len();
-        self.chunks.push_back(Chunk::Shared(bytes));
+        self.records += records as usize;
+        self.chunks.push_back(Chunk::Shared(bytes, records));
         self.tail_open = false;
         Ok(())
     }
@@ -314,7 +320,7 @@ impl SendQueue {
         let mut n = 0;
         for (chunk, slot) in self.chunks.iter().zip(iov.iter_mut()) {
             let bytes: &[u8] = match chunk {
-                Chunk::Shared(b) => b,
+                Chunk::Shared(b, _) => b,
                 Chunk::Moved(b) => b.data(),
                 Chunk::Pending(_) => break,
                 Chunk::Copied(k) => {
@@ -340,9 +346,12 @@ impl SendQueue {
                 break;
             };
             let (n, done) = match front {
-                Chunk::Shared(b) => {
+                Chunk::Shared(b, r) => {
                     let n = b.len().min(written);
                     b.advance(n);
+                    if b.is_empty() {
+                        self.records -= *r as usize;
+                    }
                     (n, b.is_empty())
                 }
                 Chunk::Moved(b) => {
@@ -406,6 +415,7 @@ impl SendQueue {
             }
         }
         self.front_started = false;
+        self.records = 0;
         self.len = 0;
         self.release(pool);
     }
@@ -442,7 +452,7 @@ mod tests {
         let mut pool = BufferPool::new(8, 4);
         let mut q = SendQueue::new(100);
         q.push_copy(b"abc", &mut pool).unwrap();
-        q.push_shared(Bytes::from_static(b"DEF")).unwrap();
+        q.push_shared(Bytes::from_static(b"DEF"), 1).unwrap();
         q.push_copy(b"ghijklmnopqrstu", &mut pool).unwrap(); // spans three 8-byte blocks
         q.push_copy(b"v", &mut pool).unwrap();
         assert_eq!(q.len(), 22);
@@ -459,7 +469,7 @@ mod tests {
         let mut q = SendQueue::new(5);
         q.push_copy(b"abcd", &mut pool).unwrap();
         assert_eq!(q.push_copy(b"ef", &mut pool), Err(QueueFull));
-        assert_eq!(q.push_shared(Bytes::from_static(b"ef")), Err(QueueFull));
+        assert_eq!(q.push_shared(Bytes::from_static(b"ef"), 1), Err(QueueFull));
         q.push_copy(b"e", &mut pool).unwrap();
         assert_eq!(q.len(), 5);
     }
@@ -508,25 +518,25 @@ mod tests {
         let mut pool = BufferPool::new(8, 4);
         let mut q = SendQueue::new(12);
         for r in [&b"aaaa"[..], b"bbbb", b"cccc"] {
-            q.push_shared(Bytes::copy_from_slice(r)).unwrap();
+            q.push_shared(Bytes::copy_from_slice(r), 1).unwrap();
         }
         q.advance(2, &mut pool); // "aa" of the first record is on the wire
         assert_eq!(q.len(), 10);
         // Room for 5 more: the partly written record stays, "bbbb" goes.
         let d = q.drop_oldest(5, usize::MAX);
-        assert_eq!((d.buffers, d.bytes), (1, 4));
-        assert_eq!(q.buffers(), 2);
-        q.push_shared(Bytes::from_static(b"ddddd")).unwrap();
+        assert_eq!((d.records, d.bytes), (1, 4));
+        assert_eq!(q.records(), 2);
+        q.push_shared(Bytes::from_static(b"ddddd"), 1).unwrap();
         assert_eq!(drain(&mut q, &mut pool), b"aaccccddddd");
         // Nothing droppable: nothing happens.
-        q.push_shared(Bytes::from_static(b"eeee")).unwrap();
+        q.push_shared(Bytes::from_static(b"eeee"), 1).unwrap();
         q.advance(1, &mut pool);
-        assert_eq!(q.drop_oldest(100, usize::MAX).buffers, 0);
+        assert_eq!(q.drop_oldest(100, usize::MAX).records, 0);
         // A buffer-count bound: keep at most one besides the started one.
-        q.push_shared(Bytes::from_static(b"ff")).unwrap();
-        q.push_shared(Bytes::from_static(b"gg")).unwrap();
-        assert_eq!(q.drop_oldest(0, 2).buffers, 1);
-        assert_eq!(q.buffers(), 2);
+        q.push_shared(Bytes::from_static(b"ff"), 1).unwrap();
+        q.push_shared(Bytes::from_static(b"gg"), 1).unwrap();
+        assert_eq!(q.drop_oldest(0, 2).records, 1);
+        assert_eq!(q.records(), 2);
     }
 
     proptest::proptest! {
@@ -545,7 +555,7 @@ mod tests {
             for (i, (shared, len)) in ops.iter().enumerate() {
                 let data: Vec<u8> = (0..*len).map(|_| { counter = counter.wrapping_add(1); counter }).collect();
                 if *shared {
-                    q.push_shared(Bytes::from(data.clone())).unwrap();
+                    q.push_shared(Bytes::from(data.clone()), 1).unwrap();
                 } else {
                     q.push_copy(&data, &mut pool).unwrap();
                 }

@@ -88,8 +88,8 @@ pub struct Keepalive {
 /// What [`Ctx::drop_oldest`] dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dropped {
-    /// Whole buffers (records) dropped.
-    pub buffers: usize,
+    /// Whole records dropped.
+    pub records: usize,
     /// Bytes dropped.
     pub bytes: usize,
 }
@@ -170,10 +170,25 @@ impl Ctx<'_> {
     /// # Errors
     /// As for [`Ctx::send`].
     pub fn send_bytes(&mut self, key: ConnKey, data: Bytes) -> Result<(), SendError> {
+        self.send_records(key, data, 1)
+    }
+
+    /// Queue a shared buffer that holds `records` whole records (a batch
+    /// published at once); [`Ctx::queued_records`] and [`Ctx::drop_oldest`]
+    /// count them.
+    ///
+    /// # Errors
+    /// As for [`Ctx::send`].
+    pub fn send_records(
+        &mut self,
+        key: ConnKey,
+        data: Bytes,
+        records: u32,
+    ) -> Result<(), SendError> {
         let core = &mut *self.core;
         let conn = sendable(&mut core.conns, key)?;
         let was_empty = conn.tx.is_empty();
-        let r = conn.tx.push_shared(data);
+        let r = conn.tx.push_shared(data, records);
         core.after_push(key.index as usize, r, was_empty)
     }
 
@@ -227,21 +242,21 @@ impl Ctx<'_> {
         written
     }
 
-    /// Drop whole queued buffers (each `send_bytes` call queues one, e.g. one
-    /// record) from the front of `key`'s queue until `need` more bytes fit and
-    /// at most `keep_buffers` buffers remain, never touching a buffer that is
-    /// partly written. Returns how many buffers and bytes were dropped.
-    pub fn drop_oldest(&mut self, key: ConnKey, need: usize, keep_buffers: usize) -> Dropped {
+    /// Drop whole queued buffers sent with [`Ctx::send_bytes`] or
+    /// [`Ctx::send_records`] from the front of `key`'s queue until `need` more
+    /// bytes fit and at most `keep_records` records remain, never touching a
+    /// buffer that is partly written. Returns the records and bytes dropped.
+    pub fn drop_oldest(&mut self, key: ConnKey, need: usize, keep_records: usize) -> Dropped {
         match self.core.conn_mut(key) {
-            Some(c) => c.tx.drop_oldest(need, keep_buffers),
+            Some(c) => c.tx.drop_oldest(need, keep_records),
             None => Dropped::default(),
         }
     }
 
-    /// Buffers queued for `key` (with `send_bytes` only: records), `None` for
-    /// a stale key.
-    pub fn queued_buffers(&self, key: ConnKey) -> Option<usize> {
-        self.core.conn(key).map(|c| c.tx.buffers())
+    /// Records queued for `key` with [`Ctx::send_bytes`] (one each) and
+    /// [`Ctx::send_records`] and not completely written; `None` for a stale key.
+    pub fn queued_records(&self, key: ConnKey) -> Option<usize> {
+        self.core.conn(key).map(|c| c.tx.records())
     }
 
     /// Bytes queued for `key` and not yet written (`None` for a stale key).

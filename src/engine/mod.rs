@@ -624,7 +624,11 @@ impl Engine {
         let mut budget = self.core.config.read_budget;
         let mut eof = false;
         for _ in 0..MAX_LOOP_ITERATIONS {
-            if !self.dispatch(idx, key, role, &mut rx) {
+            let (go_on, frames) = self.dispatch(idx, key, role, &mut rx);
+            if frames > 0 {
+                self.call(role, |r, ctx| r.on_input_done(ctx, key));
+            }
+            if !go_on {
                 break;
             }
             // Write what the frames produced before reading more, so the
@@ -694,23 +698,25 @@ impl Engine {
     }
 
     /// Decode and hand frames to the role until input runs out or the
-    /// connection stops reading. Returns false when reading should stop.
+    /// connection stops reading. Returns whether reading may go on, and how
+    /// many frames were handed over.
     fn dispatch(
         &mut self,
         idx: usize,
         key: ConnKey,
         role: RoleId,
         rx: &mut buffer::Buffer,
-    ) -> bool {
+    ) -> (bool, usize) {
+        let mut frames = 0;
         for _ in 0..MAX_LOOP_ITERATIONS {
             let Some(c) = self.core.conns.get_mut(idx) else {
-                return false;
+                return (false, frames);
             };
             if c.state != State::Open || c.readiness.interest & READABLE == 0 {
-                return false;
+                return (false, frames);
             }
             if rx.is_empty() {
-                return true;
+                return (true, frames);
             }
             let used = match c.decoder.decode(rx.data()) {
                 Ok(Decoded::Frame(frame, used)) => {
@@ -722,13 +728,14 @@ impl Engine {
                     });
                     self.call(role, |r, ctx| r.on_frame(ctx, key, frame));
                     self.core.dispatching = None;
+                    frames += 1;
                     used
                 }
                 Ok(Decoded::Skipped(n)) => {
                     trace!("{key} skipped {n} bytes while resynchronising");
                     n
                 }
-                Ok(Decoded::NeedMore) => return true,
+                Ok(Decoded::NeedMore) => return (true, frames),
                 Err(e) => {
                     Stats::add(&self.core.shared.stats.frame_errors_total, 1);
                     let mut action = OnFrameError::Close;
@@ -742,7 +749,7 @@ impl Engine {
                         warn!("{key} from {}: {e}; closing", c.peer);
                     }
                     self.core.close_now(idx, CloseReason::Frame(e));
-                    return false;
+                    return (false, frames);
                 }
             };
             match self.core.forward_to.take() {
@@ -752,7 +759,7 @@ impl Engine {
         }
         error!("{key}: frame loop guard tripped; closing (bug)");
         self.core.close_now(idx, CloseReason::Bug);
-        false
+        (false, frames)
     }
 
     /// Write queued bytes until `WouldBlock` or empty; once empty, tell the

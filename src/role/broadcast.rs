@@ -2,10 +2,11 @@
 //! subscriber, whole and in publish order; a slow subscriber never holds back
 //! the others.
 //!
-//! Invariant: a record is one `Bytes`, allocated once when it is published and
-//! shared (a refcount) by every subscriber queue and the replay ring; each
-//! subscriber's queue is bounded in bytes and records and a full one gets the
-//! configured policy, applied to whole records only. Each publisher has its own
+//! Invariant: the records of one publisher read are stored once, in one
+//! `Bytes`, and shared (a refcount) by every subscriber queue that has room for
+//! them all; a subscriber that is behind gets them record by record, and its
+//! full queue (bounded in bytes and records) gets the configured policy,
+//! applied to whole records only. The replay ring keeps its own copies. Each publisher has its own
 //! decoder (in the engine), so two publishers never interleave inside a record.
 
 use std::collections::VecDeque;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use log::{debug, error, info, warn};
 
 use crate::codec::{Decoded, Decoder, Frame, FrameError};
@@ -29,6 +30,8 @@ use crate::role::{OnFrameError, Role};
 /// Timer token for the stdin publisher's `flush_idle` check (connection
 /// timers use `ConnKey::to_u64`, whose index never reaches `u32::MAX`).
 const STDIN_TOKEN: u64 = u64::MAX;
+/// Room reserved at a time for a batch of records (one read's worth).
+const BATCH_BYTES: usize = 64 * 1024;
 /// Bytes read from stdin per message to the loop.
 const STDIN_CHUNK: usize = 16 * 1024;
 
@@ -120,6 +123,12 @@ pub struct Broadcast {
     replay: VecDeque<Bytes>,
     stdin: Option<StdinState>,
     stats: Arc<BroadcastStats>,
+    /// Records decoded from the current publisher read, published together.
+    batch: BytesMut,
+    /// Where each record of `batch` starts and ends.
+    bounds: Vec<(u32, u32)>,
+    /// Deliveries made by the publish in progress (added to the stats once).
+    delivered: u64,
 }
 
 // ===== impl Broadcast =====
@@ -135,6 +144,9 @@ impl Broadcast {
             subscriber_listener: None,
             ingest_listener: None,
             stats: Arc::new(BroadcastStats::default()),
+            batch: BytesMut::new(),
+            bounds: Vec::new(),
+            delivered: 0,
             config: config.clone(),
         }
     }
@@ -150,16 +162,34 @@ impl Broadcast {
 
     /// Publish one record: store it once, queue a refcount to every subscriber.
     fn publish(&mut self, ctx: &mut Ctx<'_>, record: Bytes) {
-        bump(&self.stats.records_in);
+        let len = u32::try_from(record.len()).unwrap_or(u32::MAX);
+        self.publish_batch(ctx, record, &[(0, len)]);
+    }
+
+    /// Publish the records `bounds` of `batch` (one publisher read's worth, in
+    /// order): the batch is stored once and queued whole to every subscriber
+    /// that has room for all of it, record by record (with the slow policy)
+    /// to the others.
+    fn publish_batch(&mut self, ctx: &mut Ctx<'_>, batch: Bytes, bounds: &[(u32, u32)]) {
+        self.stats
+            .records_in
+            .fetch_add(bounds.len() as u64, Ordering::Relaxed);
         if self.config.replay > 0 {
-            if self.replay.len() == self.config.replay {
-                self.replay.pop_front();
+            let skip = bounds.len().saturating_sub(self.config.replay);
+            for &(a, b) in bounds.iter().skip(skip) {
+                if self.replay.len() == self.config.replay {
+                    self.replay.pop_front();
+                }
+                // A copy: a slice would pin the batch's whole block for as
+                // long as the record stays in the ring.
+                let record = batch.get(a as usize..b as usize).unwrap_or_default();
+                self.replay.push_back(Bytes::copy_from_slice(record));
             }
-            self.replay.push_back(record.clone());
         }
+        self.delivered = 0;
         let mut i = 0;
         while i < self.subscribers.len() {
-            if self.deliver(ctx, i, &record) {
+            if self.deliver(ctx, i, &batch, bounds) {
                 i += 1;
             } else {
                 self.subscribers.swap_remove(i);
@@ -168,21 +198,31 @@ impl Broadcast {
                     .store(self.subscribers.len() as u64, Ordering::Relaxed);
             }
         }
+        self.stats
+            .deliveries
+            .fetch_add(self.delivered, Ordering::Relaxed);
     }
 
-    /// Queue `record` for subscriber `i`, applying the slow policy when its
-    /// queue is full. Returns false if the subscriber was disconnected.
-    fn deliver(&mut self, ctx: &mut Ctx<'_>, i: usize, record: &Bytes) -> bool {
-        let Some(sub) = self.subscribers.get_mut(i) else {
+    /// Queue `batch` for subscriber `i`. Returns false if the subscriber was
+    /// disconnected.
+    fn deliver(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        i: usize,
+        batch: &Bytes,
+        bounds: &[(u32, u32)],
+    ) -> bool {
+        let Some(sub) = self.subscribers.get(i) else {
             return false;
         };
         let key = sub.key;
-        let queue_records = self.config.queue_records;
+        let n = bounds.len();
+        let limit = self.config.queue_records;
         let try_send = |ctx: &mut Ctx<'_>| {
-            if ctx.queued_buffers(key).unwrap_or(0) >= queue_records {
+            if ctx.queued_records(key).unwrap_or(0) + n > limit {
                 Err(SendError::Full)
             } else {
-                ctx.send_bytes(key, record.clone())
+                ctx.send_records(key, batch.clone(), n as u32)
             }
         };
         let mut sent = try_send(ctx);
@@ -193,40 +233,64 @@ impl Broadcast {
         }
         match sent {
             Ok(()) => {
-                bump(&self.stats.deliveries);
+                self.delivered += n as u64;
                 true
             }
             // Gone already: `on_closed` will remove it.
             Err(SendError::Closed) => true,
-            Err(SendError::Full) => {
-                let queued = ctx.queued(key).unwrap_or(0);
-                match self.config.slow {
-                    SlowPolicy::Disconnect => {
-                        warn!(
-                            "{}: subscriber {} too slow ({queued} bytes queued); disconnecting",
-                            self.config.name, sub.peer
-                        );
-                        bump(&self.stats.slow_disconnects);
-                        ctx.abort(key);
-                        return false;
-                    }
-                    SlowPolicy::DropOldest => {
-                        let keep = self.config.queue_records - 1;
-                        let dropped = ctx.drop_oldest(key, record.len(), keep);
-                        let mut lost = dropped.buffers as u64;
-                        let room = ctx.queued_buffers(key).is_some_and(|n| n <= keep);
-                        if room && ctx.send_bytes(key, record.clone()).is_ok() {
-                            bump(&self.stats.deliveries);
-                        } else {
-                            lost += 1;
-                        }
-                        self.note_drops(i, lost, queued, "drop-oldest");
-                    }
-                    SlowPolicy::DropNewest => self.note_drops(i, 1, queued, "drop-newest"),
-                }
-                true
-            }
+            // Behind: record by record, so the policy drops whole records only.
+            Err(SendError::Full) => bounds
+                .iter()
+                .all(|&(a, b)| self.deliver_one(ctx, i, batch.slice(a as usize..b as usize))),
         }
+    }
+
+    /// Queue one record for subscriber `i`, applying the slow policy when its
+    /// queue is full. Returns false if the subscriber was disconnected.
+    fn deliver_one(&mut self, ctx: &mut Ctx<'_>, i: usize, record: Bytes) -> bool {
+        let Some(sub) = self.subscribers.get(i) else {
+            return false;
+        };
+        let key = sub.key;
+        let keep = self.config.queue_records - 1;
+        let room = |ctx: &Ctx<'_>| ctx.queued_records(key).unwrap_or(0) <= keep;
+        let sent = if room(ctx) {
+            ctx.send_bytes(key, record.clone())
+        } else {
+            Err(SendError::Full)
+        };
+        match sent {
+            Ok(()) => {
+                self.delivered += 1;
+                return true;
+            }
+            Err(SendError::Closed) => return true,
+            Err(SendError::Full) => {}
+        }
+        let queued = ctx.queued(key).unwrap_or(0);
+        match self.config.slow {
+            SlowPolicy::Disconnect => {
+                warn!(
+                    "{}: subscriber {} too slow ({queued} bytes queued); disconnecting",
+                    self.config.name, sub.peer
+                );
+                bump(&self.stats.slow_disconnects);
+                ctx.abort(key);
+                return false;
+            }
+            SlowPolicy::DropOldest => {
+                let dropped = ctx.drop_oldest(key, record.len(), keep);
+                let mut lost = dropped.records as u64;
+                if room(ctx) && ctx.send_bytes(key, record).is_ok() {
+                    self.delivered += 1;
+                } else {
+                    lost += 1;
+                }
+                self.note_drops(i, lost, queued, "drop-oldest");
+            }
+            SlowPolicy::DropNewest => self.note_drops(i, 1, queued, "drop-newest"),
+        }
+        true
     }
 
     fn note_drops(&mut self, i: usize, n: u64, queued: usize, policy: &str) {
@@ -276,14 +340,16 @@ impl Broadcast {
             .store(self.subscribers.len() as u64, Ordering::Relaxed);
         let i = self.subscribers.len() - 1;
         let replay: Vec<Bytes> = self.replay.iter().cloned().collect();
-        for record in &replay {
-            if !self.deliver(ctx, i, record) {
-                self.subscribers.swap_remove(i);
-                self.stats
-                    .subscribers
-                    .store(self.subscribers.len() as u64, Ordering::Relaxed);
-                return;
-            }
+        self.delivered = 0;
+        let stayed = replay.into_iter().all(|r| self.deliver_one(ctx, i, r));
+        self.stats
+            .deliveries
+            .fetch_add(self.delivered, Ordering::Relaxed);
+        if !stayed {
+            self.subscribers.swap_remove(i);
+            self.stats
+                .subscribers
+                .store(self.subscribers.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -560,11 +626,30 @@ impl Role for Broadcast {
         }
     }
 
-    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
+    fn on_frame(&mut self, _: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
         // Subscribers' own bytes are read (so the socket drains) and discarded.
-        if self.publishers.iter().any(|p| p.key == conn) {
-            self.publish(ctx, Bytes::copy_from_slice(frame.raw));
+        if !self.publishers.iter().any(|p| p.key == conn) {
+            return;
         }
+        // Collect the read's records; `on_input_done` publishes them at once.
+        if self.batch.capacity() - self.batch.len() < frame.raw.len() {
+            self.batch.reserve(frame.raw.len().max(BATCH_BYTES));
+        }
+        let start = self.batch.len();
+        self.batch.extend_from_slice(frame.raw);
+        let end = self.batch.len();
+        self.bounds.push((start as u32, end as u32));
+    }
+
+    fn on_input_done(&mut self, ctx: &mut Ctx<'_>, _: ConnKey) {
+        if self.bounds.is_empty() {
+            return;
+        }
+        let batch = self.batch.split().freeze();
+        let bounds = std::mem::take(&mut self.bounds);
+        self.publish_batch(ctx, batch, &bounds);
+        self.bounds = bounds;
+        self.bounds.clear();
     }
 
     fn on_frame_error(

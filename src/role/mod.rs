@@ -69,6 +69,13 @@ pub trait Role: Send {
     /// `Bytes` to keep it.
     fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>);
 
+    /// The frames from one read of `conn` have all been handed to
+    /// [`Role::on_frame`]: a role that batches per read (one shared buffer
+    /// for many records) sends the batch here.
+    fn on_input_done(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        let _ = (ctx, conn);
+    }
+
     /// The input broke the connection's framing (a frame longer than its
     /// maximum). The default closes the connection; a role may ask to
     /// resynchronise instead, which line framing supports (the rest of the
