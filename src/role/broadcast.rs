@@ -90,6 +90,8 @@ struct Subscriber {
     peer: SocketAddr,
     /// Records dropped for it since it last caught up.
     dropping: u64,
+    /// Records dropped for it since it joined.
+    dropped_total: u64,
 }
 
 #[derive(Debug)]
@@ -307,6 +309,7 @@ impl Broadcast {
             );
         }
         sub.dropping += n;
+        sub.dropped_total += n;
         self.stats.dropped_records.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -334,6 +337,7 @@ impl Broadcast {
             key,
             peer,
             dropping: 0,
+            dropped_total: 0,
         });
         self.stats
             .subscribers
@@ -711,6 +715,11 @@ impl Role for Broadcast {
                 warn!(
                     "{}: subscriber {} closed: queue stalled for {:?}",
                     self.config.name, sub.peer, self.config.stall_timeout
+                );
+            } else if sub.dropped_total > 0 {
+                info!(
+                    "{}: subscriber {} left ({reason}); {} records were dropped for it",
+                    self.config.name, sub.peer, sub.dropped_total
                 );
             } else {
                 debug!(
