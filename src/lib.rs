@@ -133,6 +133,9 @@ impl Engine {
         for broadcast in &config.broadcast {
             engine.add_role(Box::new(role::Broadcast::new(broadcast)));
         }
+        for router in &config.router {
+            engine.add_role(Box::new(role::Router::new(router)));
+        }
         Ok(engine)
     }
 }

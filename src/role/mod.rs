@@ -7,9 +7,11 @@
 
 pub mod broadcast;
 pub mod echo;
+pub mod router;
 
 pub use broadcast::Broadcast;
 pub use echo::Echo;
+pub use router::Router;
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,842 @@
+//! The router role: field devices dial in, are identified (by the id they send
+//! first, or by their source address) and are bridged to their connection
+//! point (connpt): applications attached to its `listen` port, or an upstream
+//! it dials.
+//!
+//! Invariant: identification happens in the loop, per read, with the bytes kept
+//! in a small per-connection buffer bounded by `id_max_len` plus the delimiter;
+//! every byte after the id — same read or later — goes to the connpt, none is
+//! lost. Ids live in a hashbrown map (O(1)), and every table is bounded by the
+//! config (connpts, pending connections in total and per address, applications
+//! per connpt, recent unknown ids). An identified idle device costs its engine
+//! connection plus one small table entry.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use log::{debug, info, warn};
+
+use crate::codec::Frame;
+use crate::config::{Duplicate, Identity, Offline, RouterConfig};
+use crate::engine::{
+    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, SendError,
+    TimerKey,
+};
+use crate::role::Role;
+
+/// Timer kinds, in the top bits of a timer token (connection indices stay
+/// below 2^24, so a `ConnKey::to_u64` never reaches bit 56).
+const KIND_SHIFT: u32 = 62;
+const KIND_PENDING: u64 = 0;
+const KIND_KEEPALIVE: u64 = 1;
+const KIND_REDIAL: u64 = 2;
+const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// An id as inline bytes: no heap, fixed size (see `MAX_ID_LEN`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Id {
+    len: u8,
+    bytes: [u8; crate::config::MAX_ID_LEN],
+}
+
+impl Id {
+    fn new(src: &[u8]) -> Option<Id> {
+        let mut bytes = [0; crate::config::MAX_ID_LEN];
+        bytes.get_mut(..src.len())?.copy_from_slice(src);
+        Some(Id {
+            len: src.len() as u8,
+            bytes,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Id {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&preview(self.as_slice()))
+    }
+}
+
+/// Printable text if the bytes are printable ASCII, else `hex:..`.
+fn preview(bytes: &[u8]) -> String {
+    let shown = bytes.get(..bytes.len().min(32)).unwrap_or_default();
+    let more = if bytes.len() > shown.len() { "…" } else { "" };
+    if shown.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("{:?}{more}", String::from_utf8_lossy(shown))
+    } else {
+        let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
+        format!("hex:{hex}{more}")
+    }
+}
+
+/// Counters of one router, readable from any thread ([`Router::stats`]).
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    /// Devices online now.
+    pub online: AtomicU64,
+    /// Identifications since start.
+    pub identified_total: AtomicU64,
+    /// Connections closed for an unknown id (or address).
+    pub unknown_total: AtomicU64,
+    /// Connections closed for not identifying within `id_timeout`.
+    pub id_timeouts: AtomicU64,
+    /// Online devices replaced by a new connection with the same id.
+    pub replaced: AtomicU64,
+    /// New connections rejected because their id was online.
+    pub rejected: AtomicU64,
+    /// Heartbeat reads (not forwarded).
+    pub heartbeats: AtomicU64,
+    /// Application bytes discarded because the device was offline.
+    pub offline_discarded_bytes: AtomicU64,
+    /// Device bytes discarded because nothing was attached to the connpt.
+    pub unrouted_bytes: AtomicU64,
+    /// Connections refused (max_pending, max_pending_per_ip, max_apps, offline = close).
+    pub refused: AtomicU64,
+    recent: Mutex<VecDeque<(String, SocketAddr)>>,
+}
+
+impl RouterStats {
+    /// The most recent unknown ids (preview, peer), oldest first.
+    pub fn recent_unknown(&self) -> Vec<(String, SocketAddr)> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one connection of this role is.
+#[derive(Debug)]
+enum Link {
+    /// A device that has not identified yet.
+    Pending(Box<Pending>),
+    /// The identified device of connpt `.0`.
+    Device(u32),
+    /// An application attached to connpt `.0`.
+    App(u32),
+    /// The upstream connection of connpt `.0`.
+    Upstream(u32),
+}
+
+#[derive(Debug)]
+struct Pending {
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    id_deadline: Instant,
+    /// Set while the bytes so far are an id and the start of a longer one.
+    gap_deadline: Option<Instant>,
+    timer: Option<TimerKey>,
+}
+
+#[derive(Debug)]
+struct Connpt {
+    name: String,
+    id: Id,
+    listen: Option<SocketAddr>,
+    connect: Option<SocketAddr>,
+    send_id: Option<Vec<u8>>,
+    device: Option<(ConnKey, SocketAddr)>,
+    apps: Vec<ConnKey>,
+    upstream: Option<ConnKey>,
+    redial: Option<TimerKey>,
+    backoff: Duration,
+    keepalive: Option<TimerKey>,
+    /// The device is paused because a target's queue was full.
+    device_paused: bool,
+}
+
+/// Identifies devices and bridges them to their connpts. See the module docs.
+#[derive(Debug)]
+pub struct Router {
+    config: RouterConfig,
+    stats: Arc<RouterStats>,
+    device_listener: Option<ListenerId>,
+    connpts: Vec<Connpt>,
+    by_id: HashMap<Id, u32>,
+    /// Ids in order, for "could these bytes still become a longer id?".
+    sorted_ids: Vec<Id>,
+    by_ip: HashMap<IpAddr, u32>,
+    by_addr: HashMap<SocketAddr, u32>,
+    app_listeners: HashMap<ListenerId, u32>,
+    links: HashMap<ConnKey, Link>,
+    pending: usize,
+    pending_per_ip: HashMap<IpAddr, usize>,
+}
+
+// ===== impl Router =====
+
+impl Router {
+    /// A router as configured by one `[[router]]` table.
+    pub fn new(config: &RouterConfig) -> Router {
+        let n = config.connpt.len();
+        let mut r = Router {
+            stats: Arc::new(RouterStats::default()),
+            device_listener: None,
+            connpts: Vec::with_capacity(n),
+            by_id: HashMap::with_capacity(n),
+            sorted_ids: Vec::with_capacity(n),
+            by_ip: HashMap::new(),
+            by_addr: HashMap::new(),
+            app_listeners: HashMap::with_capacity(n),
+            links: HashMap::with_capacity(n * 2),
+            pending: 0,
+            pending_per_ip: HashMap::new(),
+            config: config.clone(),
+        };
+        for (i, c) in config.connpt.iter().enumerate() {
+            let i = i as u32;
+            let id = Id::new(&c.id.0).unwrap_or(Id {
+                len: 0,
+                bytes: [0; crate::config::MAX_ID_LEN],
+            });
+            match config.identity {
+                Identity::Id => {
+                    r.by_id.insert(id, i);
+                    r.sorted_ids.push(id);
+                }
+                Identity::Ip => {
+                    let text = String::from_utf8_lossy(&c.id.0);
+                    if let Ok(a) = text.parse::<SocketAddr>() {
+                        r.by_addr.insert(a, i);
+                    } else if let Ok(ip) = text.parse::<IpAddr>() {
+                        r.by_ip.insert(ip, i);
+                    }
+                }
+            }
+            r.connpts.push(Connpt {
+                name: c.name.clone(),
+                id,
+                listen: c.listen,
+                connect: c.connect,
+                send_id: c.send_id.as_ref().map(|b| b.0.clone()),
+                device: None,
+                apps: Vec::new(),
+                upstream: None,
+                redial: None,
+                backoff: config.reconnect_min,
+                keepalive: None,
+                device_paused: false,
+            });
+        }
+        r.sorted_ids
+            .sort_unstable_by(|a, b| a.as_slice().cmp(b.as_slice()));
+        r
+    }
+
+    /// The role's counters (shared; keep the `Arc` before adding the role).
+    pub fn stats(&self) -> Arc<RouterStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn connpt(&mut self, i: u32) -> Option<&mut Connpt> {
+        self.connpts.get_mut(i as usize)
+    }
+
+    /// Whether some configured id is longer than `bytes` and starts with them.
+    fn extendable(&self, bytes: &[u8]) -> bool {
+        let at = self.sorted_ids.partition_point(|id| id.as_slice() <= bytes);
+        self.sorted_ids
+            .get(at)
+            .is_some_and(|id| id.as_slice().starts_with(bytes))
+    }
+
+    fn accept_device(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
+        if self.config.identity == Identity::Ip {
+            let found = self
+                .by_addr
+                .get(&peer)
+                .or_else(|| self.by_ip.get(&peer.ip()))
+                .copied();
+            match found {
+                Some(i) => self.identified(ctx, key, peer, i, &[]),
+                None => self.unknown(ctx, key, peer, peer.ip().to_string().as_bytes()),
+            }
+            return;
+        }
+        let per_ip = self.pending_per_ip.get(&peer.ip()).copied().unwrap_or(0);
+        if self.pending >= self.config.max_pending || per_ip >= self.config.max_pending_per_ip {
+            warn!(
+                "{}: refused device {peer}: too many unidentified connections ({} in all, {per_ip} from its address)",
+                self.config.name, self.pending
+            );
+            bump(&self.stats.refused);
+            ctx.abort(key);
+            return;
+        }
+        self.pending += 1;
+        *self.pending_per_ip.entry(peer.ip()).or_insert(0) += 1;
+        let id_deadline = ctx.now() + self.config.id_timeout;
+        let timer = Some(ctx.set_timer(id_deadline, token(KIND_PENDING, key)));
+        let pending = Pending {
+            peer,
+            buf: Vec::new(),
+            id_deadline,
+            gap_deadline: None,
+            timer,
+        };
+        self.links.insert(key, Link::Pending(Box::new(pending)));
+        debug!(
+            "{}: device {peer} connected ({key}), waiting for its id",
+            self.config.name
+        );
+    }
+
+    /// Leave the pending state (counts and timer).
+    fn take_pending(&mut self, ctx: &mut Ctx<'_>, key: ConnKey) -> Option<Box<Pending>> {
+        let Some(Link::Pending(p)) = self.links.remove(&key) else {
+            return None;
+        };
+        if let Some(t) = p.timer {
+            ctx.cancel_timer(t);
+        }
+        self.pending = self.pending.saturating_sub(1);
+        if let Some(n) = self.pending_per_ip.get_mut(&p.peer.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_per_ip.remove(&p.peer.ip());
+            }
+        }
+        Some(p)
+    }
+
+    /// Try to decide the id from the bytes so far (`expired`: the gap passed).
+    fn identify(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, expired: bool) {
+        let Some(Link::Pending(p)) = self.links.get(&key) else {
+            return;
+        };
+        let buf = &p.buf;
+        let decision = match &self.config.id_delimiter {
+            Some(delim) => match find(buf, &delim.0) {
+                Some(at) => Some((at, at + delim.0.len())),
+                None if buf.len() >= self.config.id_max_len + delim.0.len() => {
+                    Some((buf.len(), buf.len()))
+                }
+                None => None,
+            },
+            None => {
+                let longest = (1..=buf.len().min(self.config.id_max_len))
+                    .rev()
+                    .find(|&k| {
+                        buf.get(..k)
+                            .and_then(Id::new)
+                            .is_some_and(|id| self.by_id.contains_key(&id))
+                    });
+                let wait = buf.len() < self.config.id_max_len && self.extendable(buf) && !expired;
+                match (longest, wait) {
+                    (_, false) => Some(longest.map_or((buf.len(), buf.len()), |k| (k, k))),
+                    (Some(_), true) => {
+                        // An id, and the start of a longer one: wait a little.
+                        if p.gap_deadline.is_none() {
+                            let at = ctx.now() + self.config.id_gap;
+                            if let Some(Link::Pending(p)) = self.links.get_mut(&key) {
+                                p.gap_deadline = Some(at);
+                                if let Some(t) = p.timer.take() {
+                                    ctx.cancel_timer(t);
+                                }
+                                p.timer = Some(
+                                    ctx.set_timer(at.min(p.id_deadline), token(KIND_PENDING, key)),
+                                );
+                            }
+                        }
+                        None
+                    }
+                    (None, true) => None,
+                }
+            }
+        };
+        let Some((id_end, data_start)) = decision else {
+            return;
+        };
+        let Some(p) = self.take_pending(ctx, key) else {
+            return;
+        };
+        let id = p.buf.get(..id_end).unwrap_or_default();
+        let rest = p.buf.get(data_start..).unwrap_or_default();
+        match Id::new(id).and_then(|id| self.by_id.get(&id).copied()) {
+            Some(i) => self.identified(ctx, key, p.peer, i, rest),
+            None => self.unknown(ctx, key, p.peer, id),
+        }
+    }
+
+    fn unknown(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr, id: &[u8]) {
+        let shown = preview(id);
+        warn!(
+            "{}: unknown id {shown} from {peer}; closing",
+            self.config.name
+        );
+        bump(&self.stats.unknown_total);
+        if self.config.recent_unknown > 0
+            && let Ok(mut recent) = self.stats.recent.lock()
+        {
+            if recent.len() >= self.config.recent_unknown {
+                recent.pop_front();
+            }
+            recent.push_back((shown, peer));
+        }
+        ctx.abort(key);
+    }
+
+    fn identified(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        key: ConnKey,
+        peer: SocketAddr,
+        i: u32,
+        rest: &[u8],
+    ) {
+        let name = self.config.name.clone();
+        let duplicate = self.config.duplicate;
+        let Some(c) = self.connpts.get_mut(i as usize) else {
+            return;
+        };
+        if let Some((old, old_peer)) = c.device {
+            match duplicate {
+                Duplicate::Reject => {
+                    warn!(
+                        "{name}: {} is online from {old_peer}; rejected {peer}",
+                        c.name
+                    );
+                    bump(&self.stats.rejected);
+                    ctx.abort(key);
+                    return;
+                }
+                Duplicate::Replace => {
+                    info!("{name}: {} taken over by {peer} (was {old_peer})", c.name);
+                    bump(&self.stats.replaced);
+                    self.links.remove(&old);
+                    if let Some(t) = c.keepalive.take() {
+                        ctx.cancel_timer(t);
+                    }
+                    ctx.abort(old);
+                    self.stats.online.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        } else {
+            info!("{name}: {} online from {peer}", c.name);
+        }
+        c.device = Some((key, peer));
+        c.device_paused = false;
+        self.links.insert(key, Link::Device(i));
+        bump(&self.stats.online);
+        bump(&self.stats.identified_total);
+        ctx.set_idle_timeout(key, Some(self.config.idle_timeout));
+        if self.config.keepalive.is_some() {
+            let at = ctx.now() + self.config.keepalive_interval;
+            c.keepalive = Some(ctx.set_timer(at, token(KIND_KEEPALIVE, key)));
+        }
+        if c.connect.is_some() && c.upstream.is_none() && c.redial.is_none() {
+            self.dial(ctx, i);
+        }
+        if !rest.is_empty() {
+            self.device_data(ctx, i, rest);
+        }
+    }
+
+    fn dial(&mut self, ctx: &mut Ctx<'_>, i: u32) {
+        let name = self.config.name.clone();
+        let Some(c) = self.connpts.get_mut(i as usize) else {
+            return;
+        };
+        let Some(addr) = c.connect else {
+            return;
+        };
+        match ctx.connect(addr, ConnectOptions::default()) {
+            Ok(up) => {
+                debug!("{name}: {} dialling {addr}", c.name);
+                if let Some(id) = &c.send_id {
+                    ctx.send(up, id).ok();
+                }
+                c.upstream = Some(up);
+                self.links.insert(up, Link::Upstream(i));
+            }
+            Err(e) => {
+                warn!("{name}: {} cannot dial {addr}: {e}", c.name);
+                self.schedule_redial(ctx, i);
+            }
+        }
+    }
+
+    fn schedule_redial(&mut self, ctx: &mut Ctx<'_>, i: u32) {
+        let max = self.config.reconnect_max;
+        let Some(c) = self.connpts.get_mut(i as usize) else {
+            return;
+        };
+        if c.device.is_none() || c.redial.is_some() {
+            return;
+        }
+        let wait = c.backoff;
+        c.backoff = (c.backoff * 2).min(max);
+        c.redial =
+            Some(ctx.set_timer(ctx.now() + wait, (KIND_REDIAL << KIND_SHIFT) | u64::from(i)));
+    }
+
+    /// Bytes from the device of connpt `i` (its id already taken off).
+    fn device_data(&mut self, ctx: &mut Ctx<'_>, i: u32, mut data: &[u8]) {
+        let Some(c) = self.connpts.get(i as usize) else {
+            return;
+        };
+        let Some((device, _)) = c.device else {
+            return;
+        };
+        if let Some(hb) = &self.config.heartbeat
+            && is_repetition(data, &hb.0)
+        {
+            bump(&self.stats.heartbeats);
+            if let Some(reply) = &self.config.heartbeat_reply {
+                ctx.send(device, &reply.0).ok();
+            }
+            return;
+        }
+        if self.config.strip_prefix {
+            data = data.strip_prefix(c.id.as_slice()).unwrap_or(data);
+        }
+        if data.is_empty() {
+            return;
+        }
+        let mut delivered = false;
+        let mut full = false;
+        let targets = c.upstream.into_iter().chain(c.apps.iter().copied());
+        for t in targets {
+            match ctx.send(t, data) {
+                Ok(()) => delivered = true,
+                Err(SendError::Full) => full = true,
+                Err(SendError::Closed) => {}
+            }
+        }
+        if !delivered {
+            self.stats
+                .unrouted_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        if full {
+            // A slow application holds the device back (TCP pushes back to
+            // it); reading resumes when that application's queue drains.
+            ctx.pause_reading(device);
+            if let Some(c) = self.connpt(i) {
+                c.device_paused = true;
+            }
+        }
+    }
+
+    /// Bytes from an application or the upstream of connpt `i`, for the device.
+    fn app_data(&mut self, ctx: &mut Ctx<'_>, i: u32, from: ConnKey, data: &[u8]) {
+        let Some(c) = self.connpts.get(i as usize) else {
+            return;
+        };
+        let Some((device, _)) = c.device else {
+            self.stats
+                .offline_discarded_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            return;
+        };
+        if ctx.send(device, data) == Err(SendError::Full) {
+            // The device is slow: hold this sender back until it drains.
+            ctx.pause_reading(from);
+        }
+    }
+
+    fn device_gone(&mut self, ctx: &mut Ctx<'_>, i: u32, reason: CloseReason) {
+        let name = self.config.name.clone();
+        let offline = self.config.offline;
+        let Some(c) = self.connpts.get_mut(i as usize) else {
+            return;
+        };
+        let peer = c.device.take().map(|(_, p)| p);
+        self.stats.online.fetch_sub(1, Ordering::Relaxed);
+        info!(
+            "{name}: {} offline ({reason}), was {}",
+            c.name,
+            peer.map(|p| p.to_string()).unwrap_or_default()
+        );
+        if let Some(t) = c.keepalive.take() {
+            ctx.cancel_timer(t);
+        }
+        if let Some(t) = c.redial.take() {
+            ctx.cancel_timer(t);
+        }
+        c.backoff = self.config.reconnect_min;
+        if let Some(up) = c.upstream.take() {
+            self.links.remove(&up);
+            ctx.close(up);
+        }
+        if offline == Offline::Close {
+            for app in c.apps.drain(..) {
+                self.links.remove(&app);
+                ctx.close(app);
+            }
+        } else {
+            for &app in &c.apps {
+                ctx.resume_reading(app);
+            }
+        }
+    }
+}
+
+fn token(kind: u64, key: ConnKey) -> u64 {
+    (kind << KIND_SHIFT) | key.to_u64()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether `data` is one or more whole repetitions of `pattern`.
+fn is_repetition(data: &[u8], pattern: &[u8]) -> bool {
+    !data.is_empty()
+        && !pattern.is_empty()
+        && data.len().is_multiple_of(pattern.len())
+        && data.chunks(pattern.len()).all(|c| c == pattern)
+}
+
+impl Role for Router {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
+        let id = ctx.listen(self.config.listen, ListenOptions::default())?;
+        self.device_listener = Some(id);
+        let addr = ctx.listener_addr(id).unwrap_or(self.config.listen);
+        for i in 0..self.connpts.len() {
+            let Some(listen) = self.connpts.get(i).and_then(|c| c.listen) else {
+                continue;
+            };
+            let l = ctx.listen(listen, ListenOptions::default())?;
+            self.app_listeners.insert(l, i as u32);
+            if let Some(c) = self.connpts.get(i) {
+                debug!(
+                    "{}: connpt {} ({:?}) on {}",
+                    self.config.name,
+                    c.name,
+                    c.id,
+                    ctx.listener_addr(l).unwrap_or(listen)
+                );
+            }
+        }
+        info!(
+            "router '{}' listening for devices on {addr} ({:?} identity), {} connpts",
+            self.config.name,
+            self.config.identity,
+            self.connpts.len()
+        );
+        Ok(())
+    }
+
+    fn on_accept(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        listener: ListenerId,
+        conn: ConnKey,
+        peer: SocketAddr,
+    ) {
+        if Some(listener) == self.device_listener {
+            self.accept_device(ctx, conn, peer);
+            return;
+        }
+        let Some(&i) = self.app_listeners.get(&listener) else {
+            ctx.abort(conn);
+            return;
+        };
+        let (max_apps, offline, name) = (
+            self.config.max_apps,
+            self.config.offline,
+            self.config.name.clone(),
+        );
+        let Some(c) = self.connpt(i) else {
+            return;
+        };
+        if c.apps.len() >= max_apps || (offline == Offline::Close && c.device.is_none()) {
+            warn!(
+                "{name}: refused application {peer} on {}: {}",
+                c.name,
+                if c.device.is_none() {
+                    "device offline"
+                } else {
+                    "max_apps reached"
+                }
+            );
+            bump(&self.stats.refused);
+            ctx.abort(conn);
+            return;
+        }
+        c.apps.push(conn);
+        debug!("{name}: application {peer} attached to {}", c.name);
+        self.links.insert(conn, Link::App(i));
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
+        let link = match self.links.get_mut(&conn) {
+            Some(Link::Pending(p)) => {
+                p.buf.extend_from_slice(frame.raw);
+                None
+            }
+            Some(Link::Device(i)) => Some((true, *i)),
+            Some(Link::App(i) | Link::Upstream(i)) => Some((false, *i)),
+            None => return,
+        };
+        match link {
+            None => self.identify(ctx, conn, false),
+            Some((true, i)) => self.device_data(ctx, i, frame.raw),
+            Some((false, i)) => self.app_data(ctx, i, conn, frame.raw),
+        }
+    }
+
+    fn on_writable(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        match self.links.get(&conn) {
+            // A target of the device drained: let the device talk again.
+            Some(Link::App(i) | Link::Upstream(i)) => {
+                let i = *i;
+                if let Some(c) = self.connpt(i)
+                    && c.device_paused
+                    && let Some((device, _)) = c.device
+                {
+                    c.device_paused = false;
+                    ctx.resume_reading(device);
+                }
+            }
+            // The device drained: let its senders talk again.
+            Some(Link::Device(i)) => {
+                let i = *i;
+                if let Some(c) = self.connpts.get(i as usize) {
+                    for s in c.upstream.iter().chain(c.apps.iter()) {
+                        ctx.resume_reading(*s);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connected(&mut self, _: &mut Ctx<'_>, conn: ConnKey) {
+        if let Some(Link::Upstream(i)) = self.links.get(&conn) {
+            let i = *i;
+            let min = self.config.reconnect_min;
+            if let Some(c) = self.connpt(i) {
+                c.backoff = min;
+                debug!("{}: upstream connected", c.name);
+            }
+        }
+    }
+
+    fn on_connect_failed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        self.on_closed(ctx, conn, reason);
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        match self.links.get(&conn) {
+            Some(Link::Pending(_)) => {
+                if let Some(p) = self.take_pending(ctx, conn) {
+                    debug!(
+                        "{}: device {} left before identifying ({reason})",
+                        self.config.name, p.peer
+                    );
+                }
+            }
+            Some(Link::Device(i)) => {
+                let i = *i;
+                self.links.remove(&conn);
+                if self
+                    .connpts
+                    .get(i as usize)
+                    .and_then(|c| c.device)
+                    .is_some_and(|(k, _)| k == conn)
+                {
+                    self.device_gone(ctx, i, reason);
+                }
+            }
+            Some(Link::App(i)) => {
+                let i = *i;
+                self.links.remove(&conn);
+                if let Some(c) = self.connpt(i) {
+                    c.apps.retain(|a| *a != conn);
+                }
+            }
+            Some(Link::Upstream(i)) => {
+                let i = *i;
+                self.links.remove(&conn);
+                let name = self.config.name.clone();
+                if let Some(c) = self.connpt(i)
+                    && c.upstream == Some(conn)
+                {
+                    c.upstream = None;
+                    warn!(
+                        "{name}: {} upstream closed ({reason}); re-dialling while the device is online",
+                        c.name
+                    );
+                }
+                self.schedule_redial(ctx, i);
+            }
+            None => {}
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, token: u64) {
+        let kind = token >> KIND_SHIFT;
+        let key = ConnKey::from_u64(token & TOKEN_MASK);
+        match kind {
+            KIND_PENDING => {
+                let now = ctx.now();
+                let Some(Link::Pending(p)) = self.links.get_mut(&key) else {
+                    return;
+                };
+                p.timer = None;
+                if now >= p.id_deadline {
+                    let peer = p.peer;
+                    let seen = preview(&p.buf);
+                    self.take_pending(ctx, key);
+                    warn!(
+                        "{}: device {peer} sent no known id within {:?} (got {seen}); closing",
+                        self.config.name, self.config.id_timeout
+                    );
+                    bump(&self.stats.id_timeouts);
+                    ctx.abort(key);
+                } else if p.gap_deadline.is_some_and(|g| now >= g) {
+                    self.identify(ctx, key, true);
+                } else {
+                    let at = p
+                        .gap_deadline
+                        .map_or(p.id_deadline, |g| g.min(p.id_deadline));
+                    p.timer = Some(ctx.set_timer(at, token));
+                }
+            }
+            KIND_KEEPALIVE => {
+                let Some(Link::Device(i)) = self.links.get(&key) else {
+                    return;
+                };
+                let i = *i;
+                let interval = self.config.keepalive_interval;
+                if let Some(bytes) = &self.config.keepalive {
+                    ctx.send(key, &bytes.0).ok();
+                }
+                let at = ctx.now() + interval;
+                if let Some(c) = self.connpt(i) {
+                    c.keepalive = Some(ctx.set_timer(at, token));
+                }
+            }
+            KIND_REDIAL => {
+                let i = (token & u64::from(u32::MAX)) as u32;
+                if let Some(c) = self.connpt(i) {
+                    c.redial = None;
+                    if c.device.is_some() && c.upstream.is_none() {
+                        self.dial(ctx, i);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
