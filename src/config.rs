@@ -1086,6 +1086,45 @@ mod tests {
     }
 
     #[test]
+    fn raw_bytes_are_text_or_hex() {
+        assert_eq!("c0001".parse::<RawBytes>(), Ok(RawBytes(b"c0001".to_vec())));
+        assert_eq!(
+            "hex:0d0A".parse::<RawBytes>(),
+            Ok(RawBytes(vec![0x0d, 0x0a]))
+        );
+        assert!("hex:0d0".parse::<RawBytes>().is_err());
+        assert!("hex:zz".parse::<RawBytes>().is_err());
+    }
+
+    #[test]
+    fn cidrs_match_v4_v6_and_mapped() {
+        let net: Cidr = "127.0.0.0/8".parse().unwrap();
+        assert!(net.contains("127.1.2.3".parse().unwrap()));
+        assert!(net.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!net.contains("10.0.0.1".parse().unwrap()));
+        let v6: Cidr = "::1".parse().unwrap();
+        assert!(v6.contains("::1".parse().unwrap()));
+        assert!(!v6.contains("::2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn router_config_errors_name_the_connpt() {
+        let e = Config::parse(
+            "[[router]]\nlisten = \"127.0.0.1:0\"\n[[router.connpt]]\nname = \"a\"\nid = \"x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "router[0].connpt[0].listen");
+        let e = Config::parse(
+            "[[router]]\nlisten = \"127.0.0.1:0\"\nidentity = \"ip\"\n[[router.connpt]]\nname = \"a\"\nid = \"c01\"\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "router[0].connpt[0].id");
+    }
+
+    #[test]
     fn queue_must_hold_two_reads() {
         let e = Config::parse("[engine]\nbuffer_bytes = 65536\nqueue_bytes = 65536\n").unwrap_err();
         assert_eq!(e.key, "engine.queue_bytes");

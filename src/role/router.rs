@@ -37,7 +37,7 @@ const KIND_REDIAL: u64 = 2;
 const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
 /// An id as inline bytes: no heap, fixed size (see `MAX_ID_LEN`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Id {
     len: u8,
     bytes: [u8; crate::config::MAX_ID_LEN],
@@ -164,8 +164,9 @@ pub struct Router {
     device_listener: Option<ListenerId>,
     connpts: Vec<Connpt>,
     by_id: HashMap<Id, u32>,
-    /// Ids in order, for "could these bytes still become a longer id?".
-    sorted_ids: Vec<Id>,
+    /// Connpt indices in id order, for "could these bytes still become a
+    /// longer id?".
+    sorted_ids: Vec<u32>,
     by_ip: HashMap<IpAddr, u32>,
     by_addr: HashMap<SocketAddr, u32>,
     app_listeners: HashMap<ListenerId, u32>,
@@ -203,7 +204,7 @@ impl Router {
             match config.identity {
                 Identity::Id => {
                     r.by_id.insert(id, i);
-                    r.sorted_ids.push(id);
+                    r.sorted_ids.push(i);
                 }
                 Identity::Ip => {
                     let text = String::from_utf8_lossy(&c.id.0);
@@ -229,8 +230,16 @@ impl Router {
                 device_paused: false,
             });
         }
-        r.sorted_ids
-            .sort_unstable_by(|a, b| a.as_slice().cmp(b.as_slice()));
+        let connpts = &r.connpts;
+        let id = |i: &u32| {
+            connpts
+                .get(*i as usize)
+                .map(|c| c.id.as_slice())
+                .unwrap_or_default()
+        };
+        r.sorted_ids.sort_unstable_by(|a, b| id(a).cmp(id(b)));
+        // The connpts now live in `connpts`; do not keep a second copy.
+        r.config.connpt = Vec::new();
         r
     }
 
@@ -245,10 +254,16 @@ impl Router {
 
     /// Whether some configured id is longer than `bytes` and starts with them.
     fn extendable(&self, bytes: &[u8]) -> bool {
-        let at = self.sorted_ids.partition_point(|id| id.as_slice() <= bytes);
+        let id = |i: &u32| {
+            self.connpts
+                .get(*i as usize)
+                .map(|c| c.id.as_slice())
+                .unwrap_or_default()
+        };
+        let at = self.sorted_ids.partition_point(|i| id(i) <= bytes);
         self.sorted_ids
             .get(at)
-            .is_some_and(|id| id.as_slice().starts_with(bytes))
+            .is_some_and(|i| id(i).starts_with(bytes))
     }
 
     fn accept_device(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
@@ -838,5 +853,63 @@ impl Role for Router {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::panic, clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn heartbeats_are_whole_repetitions_only() {
+        assert!(is_repetition(b"\xfe", b"\xfe"));
+        assert!(is_repetition(b"HBHBHB", b"HB"));
+        assert!(!is_repetition(b"HBH", b"HB"));
+        assert!(!is_repetition(b"HBxx", b"HB"));
+        assert!(!is_repetition(b"", b"HB"));
+    }
+
+    #[test]
+    fn previews_are_text_or_hex() {
+        assert_eq!(preview(b"c0001"), "\"c0001\"");
+        assert_eq!(preview(b"\x01\xff"), "hex:01ff");
+        assert!(preview(&[b'a'; 40]).ends_with('…'));
+    }
+
+    #[test]
+    fn ids_are_inline_and_bounded() {
+        assert_eq!(
+            Id::new(b"c0001").map(|i| i.as_slice().to_vec()),
+            Some(b"c0001".to_vec())
+        );
+        assert!(Id::new(&[0; crate::config::MAX_ID_LEN + 1]).is_none());
+    }
+
+    #[test]
+    fn delimiter_search() {
+        assert_eq!(find(b"c0001\r\ndata", b"\r\n"), Some(5));
+        assert_eq!(find(b"c0001\r", b"\r\n"), None);
+    }
+
+    #[test]
+    fn prefix_ambiguity_is_detected() {
+        let cfg = crate::Config::parse(
+            "[[router]]\nlisten = \"127.0.0.1:0\"\n\
+             [[router.connpt]]\nname = \"a\"\nid = \"c01\"\nlisten = \"127.0.0.1:0\"\n\
+             [[router.connpt]]\nname = \"b\"\nid = \"c012\"\nlisten = \"127.0.0.1:0\"\n\
+             [[router.connpt]]\nname = \"c\"\nid = \"b9\"\nlisten = \"127.0.0.1:0\"\n",
+        );
+        let Ok(cfg) = cfg else { panic!("config") };
+        let Some(rc) = cfg.router.first() else {
+            panic!("router")
+        };
+        let r = Router::new(rc);
+        assert!(r.extendable(b"c0"));
+        assert!(r.extendable(b"c01"), "c012 is longer");
+        assert!(!r.extendable(b"c012"));
+        assert!(!r.extendable(b"c01x"));
+        assert!(r.extendable(b"b"));
+        assert!(!r.extendable(b"zz"));
     }
 }
