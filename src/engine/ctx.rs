@@ -392,6 +392,22 @@ impl Ctx<'_> {
         }
     }
 
+    /// Ask for [`crate::Role::on_writable`] once `key`'s send queue has
+    /// drained (for a role that paused a sender because `key` was nearly full).
+    pub fn notify_writable(&mut self, key: ConnKey) {
+        let now_empty = match self.core.conn_mut(key) {
+            Some(c) => {
+                c.notify_writable = true;
+                c.tx.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            // Already drained: the next pump reports it.
+            self.core.mark_ready(key.index as usize);
+        }
+    }
+
     /// Resume reading from `key`; buffered input is decoded this turn.
     pub fn resume_reading(&mut self, key: ConnKey) {
         if let Some(c) = self.core.conn_mut(key)

@@ -442,6 +442,10 @@ impl Router {
         }
         c.device = Some((key, peer));
         c.device_paused = false;
+        // Senders held back by a slow previous device may talk again.
+        for s in c.upstream.iter().chain(c.apps.iter()) {
+            ctx.resume_reading(*s);
+        }
         self.links.insert(key, Link::Device(i));
         bump(&self.stats.online);
         bump(&self.stats.identified_total);
@@ -520,12 +524,21 @@ impl Router {
             return;
         }
         let mut delivered = false;
-        let mut full = false;
         let targets = c.upstream.into_iter().chain(c.apps.iter().copied());
         for t in targets {
             match ctx.send(t, data) {
                 Ok(()) => delivered = true,
-                Err(SendError::Full) => full = true,
+                // Cannot happen: the device pauses while any target lacks
+                // room for one more read. Counted, never silent.
+                Err(SendError::Full) => {
+                    warn!(
+                        "{}: {}: application queue overflowed (bug)",
+                        self.config.name, c.name
+                    );
+                    self.stats
+                        .unrouted_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 Err(SendError::Closed) => {}
             }
         }
@@ -534,18 +547,35 @@ impl Router {
                 .unrouted_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        if full {
-            // A slow application holds the device back (TCP pushes back to
-            // it); reading resumes when that application's queue drains.
-            ctx.pause_reading(device);
-            if let Some(c) = self.connpt(i) {
-                c.device_paused = true;
+        self.hold_device_if_needed(ctx, i, device);
+    }
+
+    /// Pause the device of connpt `i` while any of its targets has no room
+    /// for one more read (TCP then pushes back to the device); each such
+    /// target reports `on_writable` when drained, and reading resumes once
+    /// every target has room again.
+    fn hold_device_if_needed(&mut self, ctx: &mut Ctx<'_>, i: u32, device: ConnKey) {
+        let room = ctx.read_buffer_len();
+        let Some(c) = self.connpts.get_mut(i as usize) else {
+            return;
+        };
+        let mut hold = false;
+        for t in c.upstream.iter().chain(c.apps.iter()) {
+            if ctx.send_capacity(*t).is_some_and(|free| free < room) {
+                ctx.notify_writable(*t);
+                hold = true;
             }
         }
+        if hold {
+            ctx.pause_reading(device);
+        } else if c.device_paused {
+            ctx.resume_reading(device);
+        }
+        c.device_paused = hold;
     }
 
     /// Bytes from an application or the upstream of connpt `i`, for the device.
-    fn app_data(&mut self, ctx: &mut Ctx<'_>, i: u32, from: ConnKey, data: &[u8]) {
+    fn app_data(&mut self, ctx: &mut Ctx<'_>, i: u32, data: &[u8]) {
         let Some(c) = self.connpts.get(i as usize) else {
             return;
         };
@@ -556,8 +586,24 @@ impl Router {
             return;
         };
         if ctx.send(device, data) == Err(SendError::Full) {
-            // The device is slow: hold this sender back until it drains.
-            ctx.pause_reading(from);
+            warn!(
+                "{}: {}: device queue overflowed (bug)",
+                self.config.name, c.name
+            );
+            self.stats
+                .offline_discarded_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        // Every sender may deliver one more read before it sees a pause: hold
+        // them all while the device lacks room for that; its `on_writable`
+        // (queue drained) lets them go on.
+        let senders = c.apps.len() + usize::from(c.upstream.is_some());
+        let needed = senders.max(1) * ctx.read_buffer_len();
+        if ctx.send_capacity(device).is_some_and(|free| free < needed) {
+            ctx.notify_writable(device);
+            for s in c.upstream.iter().chain(c.apps.iter()) {
+                ctx.pause_reading(*s);
+            }
         }
     }
 
@@ -706,7 +752,7 @@ impl Role for Router {
         match link {
             None => self.identify(ctx, conn, false),
             Some((true, i)) => self.device_data(ctx, i, frame.raw),
-            Some((false, i)) => self.app_data(ctx, i, conn, frame.raw),
+            Some((false, i)) => self.app_data(ctx, i, frame.raw),
         }
     }
 
@@ -715,12 +761,8 @@ impl Role for Router {
             // A target of the device drained: let the device talk again.
             Some(Link::App(i) | Link::Upstream(i)) => {
                 let i = *i;
-                if let Some(c) = self.connpt(i)
-                    && c.device_paused
-                    && let Some((device, _)) = c.device
-                {
-                    c.device_paused = false;
-                    ctx.resume_reading(device);
+                if let Some((device, _)) = self.connpts.get(i as usize).and_then(|c| c.device) {
+                    self.hold_device_if_needed(ctx, i, device);
                 }
             }
             // The device drained: let its senders talk again.
@@ -778,6 +820,10 @@ impl Role for Router {
                 self.links.remove(&conn);
                 if let Some(c) = self.connpt(i) {
                     c.apps.retain(|a| *a != conn);
+                }
+                // It may have been the slow one holding the device back.
+                if let Some((device, _)) = self.connpts.get(i as usize).and_then(|c| c.device) {
+                    self.hold_device_if_needed(ctx, i, device);
                 }
             }
             Some(Link::Upstream(i)) => {
