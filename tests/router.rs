@@ -483,8 +483,8 @@ fn unknown_ids_are_closed_at_once_and_recorded() {
 
 #[test]
 fn silent_client_is_closed_at_id_timeout() {
-    const ID_TIMEOUT: Duration = Duration::from_millis(300);
-    let rt = Rt::start("id_timeout = \"300ms\"", &cp("c1", "c0001"));
+    const ID_TIMEOUT: Duration = Duration::from_millis(400);
+    let rt = Rt::start("id_timeout = \"400ms\"", &cp("c1", "c0001"));
     let mut app = rt.attach(0);
 
     let t0 = Instant::now();
@@ -492,7 +492,7 @@ fn silent_client_is_closed_at_id_timeout() {
     let mut partial = rt.device(b"c00");
     // Identifying in time cancels the deadline.
     let mut late = rt.device(b"");
-    thread::sleep(Duration::from_millis(150));
+    thread::sleep(Duration::from_millis(100));
     late.write_all(b"c0001").unwrap();
 
     for (what, s) in [("silent", &mut silent), ("partial id", &mut partial)] {
@@ -1022,6 +1022,119 @@ fn slow_application_holds_the_device_back_until_it_leaves() {
         "bytes lost between the device and the fast application"
     );
     drop(dev);
+    rt.engine.stop();
+}
+
+#[test]
+fn takeover_while_an_application_is_behind_loses_nothing() {
+    takeover_while_behind(false);
+}
+
+#[test]
+fn takeover_with_data_after_the_id_while_an_application_is_behind_loses_nothing() {
+    takeover_while_behind(true);
+}
+
+/// A slow application holds the device back; a new device takes over (its
+/// first data in the same write as its id when `data_with_id`) before the
+/// slow application catches up. Every application must get every byte.
+fn takeover_while_behind(data_with_id: bool) {
+    let rt = Rt::start_toml(&format!(
+        "{SMALL_QUEUES}[[router]]\nlisten = \"127.0.0.1:0\"\n{}",
+        cp("c1", "c0001")
+    ));
+    let before = rt.engine.stats().accepted_total;
+    let mut slow = util::connect_with_recv_buffer(rt.app_port(0), 4096);
+    rt.wait_accepted(before, 1);
+    let mut fast = rt.attach(0);
+
+    // The old device streams until the slow application holds it back.
+    let (pat_a, pat_b) = (Pattern::new(61), Pattern::new(62));
+    let old = rt.online(b"c0001");
+    let old_writer = {
+        let mut old = old.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut sent = 0u64;
+            while sent < FILL_CAP {
+                let chunk = pat_a.chunk(sent, 64 * 1024);
+                if old.write_all(chunk).is_err() {
+                    break; // replaced: the router closed it
+                }
+                sent += chunk.len() as u64;
+            }
+        })
+    };
+    let mut received = 0;
+    assert!(
+        read_pattern(&mut fast, pat_a, &mut received, |r| r >= FILL_CAP),
+        "the fast application got {received} bytes without a stall"
+    );
+
+    // The new device takes over while the slow application is still behind,
+    // and sends 1 MiB; the slow application starts reading only later.
+    const B_TOTAL: u64 = 1 << 20;
+    // With data: the rest of one whole read (SMALL_QUEUES' 4096-byte
+    // buffers) after the 5-byte id, more than a held-back queue has room for.
+    let first = if data_with_id { 4096 - 5 } else { 0 };
+    let mut hello = b"c0001".to_vec();
+    hello.extend_from_slice(pat_b.chunk(0, first as usize));
+    let new = rt.device(&hello);
+    rt.wait("replaced", |s| &s.replaced, 1);
+    let new_writer = {
+        let mut new = new.try_clone().unwrap();
+        thread::spawn(move || -> io::Result<()> {
+            let mut sent = first;
+            while sent < B_TOTAL {
+                let chunk = pat_b.chunk(sent, (B_TOTAL - sent).min(64 * 1024) as usize);
+                new.write_all(chunk)?;
+                sent += chunk.len() as u64;
+            }
+            Ok(())
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let slow_reader = thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        loop {
+            match slow.read(&mut buf) {
+                Ok(0) => panic!("the slow application was closed"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if is_timeout(&e) => return got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("slow application read: {e}"),
+            }
+        }
+    });
+
+    // The fast application gets all of the new device's bytes ...
+    let mut received = 0;
+    read_pattern(&mut fast, pat_b, &mut received, |r| r >= B_TOTAL);
+    assert_eq!(
+        received, B_TOTAL,
+        "the fast application's bytes from the new device"
+    );
+    new_writer.join().unwrap().expect("new device writes");
+    old_writer.join().unwrap();
+    // ... and the slow one the old device's up to where it was held, then
+    // all of the new device's.
+    let got = slow_reader.join().unwrap();
+    assert!(
+        got.len() as u64 >= B_TOTAL,
+        "the slow application got {} bytes, less than the new device's {B_TOTAL}",
+        got.len()
+    );
+    let y = got.len() - B_TOTAL as usize;
+    let a_ok = pat_a.check(0, &got[..y]);
+    let b_ok = pat_b.check(0, &got[y..]);
+    assert!(
+        a_ok.is_ok() && b_ok.is_ok(),
+        "the slow application's stream is not old[..{y}] + new[..{B_TOTAL}]: old {a_ok:?}, new {b_ok:?}; {:?}",
+        rt.stats
+    );
+    assert_eq!(rt.get(|s| &s.unrouted_bytes), 0);
+    drop((old, new));
     rt.engine.stop();
 }
 

@@ -154,6 +154,8 @@ struct Connpt {
     keepalive: Option<TimerKey>,
     /// The device is paused because a target's queue was full.
     device_paused: bool,
+    /// Bytes that came with the id, waiting for every target to have room.
+    held: Vec<u8>,
 }
 
 /// Identifies devices and bridges them to their connpts. See the module docs.
@@ -228,6 +230,7 @@ impl Router {
                 backoff: config.reconnect_min,
                 keepalive: None,
                 device_paused: false,
+                held: Vec::new(),
             });
         }
         let connpts = &r.connpts;
@@ -457,9 +460,17 @@ impl Router {
         if c.connect.is_some() && c.upstream.is_none() && c.redial.is_none() {
             self.dial(ctx, i);
         }
-        if !rest.is_empty() {
-            self.device_data(ctx, i, rest);
+        // An application may still be behind from the previous device
+        // (takeover): the bytes that came with the id wait on the connpt
+        // (at most one read) while the device is held, and go first when
+        // every target has room.
+        if let Some(c) = self.connpts.get_mut(i as usize) {
+            // A replaced device's bytes that were still waiting are lost with it.
+            let lost = c.held.len() as u64;
+            self.stats.unrouted_bytes.fetch_add(lost, Ordering::Relaxed);
+            c.held = rest.to_vec();
         }
+        self.hold_device_if_needed(ctx, i, key);
     }
 
     fn dial(&mut self, ctx: &mut Ctx<'_>, i: u32) {
@@ -572,6 +583,10 @@ impl Router {
             ctx.resume_reading(device);
         }
         c.device_paused = hold;
+        if !hold && !c.held.is_empty() {
+            let held = std::mem::take(&mut c.held);
+            self.device_data(ctx, i, &held);
+        }
     }
 
     /// Bytes from an application or the upstream of connpt `i`, for the device.
@@ -614,6 +629,12 @@ impl Router {
             return;
         };
         let peer = c.device.take().map(|(_, p)| p);
+        if !c.held.is_empty() {
+            self.stats
+                .unrouted_bytes
+                .fetch_add(c.held.len() as u64, Ordering::Relaxed);
+            c.held = Vec::new();
+        }
         self.stats.online.fetch_sub(1, Ordering::Relaxed);
         info!(
             "{name}: {} offline ({reason}), was {}",
