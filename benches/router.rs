@@ -53,8 +53,8 @@
 //! TOML, build and start the engine, keep the `Config` alive, and run the loop
 //! on its main thread; a controller thread measures with a counting global
 //! allocator as in `benches/idle_memory.rs` and reads VmRSS. The device
-//! sockets are held by grandchildren (this binary again), at most 10,000 each,
-//! bound to 127.0.0.2, 127.0.0.3, ... so loopback ports do not run short.
+//! sockets are held by grandchildren (this binary again), at most 10,000 each
+//! (19,000 connections to one listener fit in the 28,232 ephemeral ports).
 //! RLIMIT_NOFILE (20,000 here, hard limit too) decides what fits in the
 //! engine's process: every online device is one fd, and every connpt with a
 //! `listen` port one more.
@@ -92,7 +92,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::error::Error;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -100,7 +100,6 @@ use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use switchboard::role::Router;
 use switchboard::role::router::RouterStats;
 use switchboard::{Config, Engine, EngineError, Handle};
@@ -113,14 +112,11 @@ type Result<T> = std::result::Result<T, BoxError>;
 const HOLDER_ENV: &str = "SWITCHBOARD_ROUTER_HOLDER";
 const HOLDER_FIRST_ENV: &str = "SWITCHBOARD_ROUTER_HOLDER_FIRST";
 const HOLDER_COUNT_ENV: &str = "SWITCHBOARD_ROUTER_HOLDER_COUNT";
-const HOLDER_SRC_ENV: &str = "SWITCHBOARD_ROUTER_HOLDER_SRC";
 /// Env var that turns this binary into a memory measurer (value: `listen` or
 /// `connect`); see [`memory_child`].
 const MEMORY_ENV: &str = "SWITCHBOARD_ROUTER_MEMORY";
 const MEMORY_CONNPTS_ENV: &str = "SWITCHBOARD_ROUTER_MEMORY_CONNPTS";
 const MEMORY_STEPS_ENV: &str = "SWITCHBOARD_ROUTER_MEMORY_STEPS";
-/// Last byte of the first 127.0.0.x address the memory child's holders use.
-const MEMORY_IP_ENV: &str = "SWITCHBOARD_ROUTER_MEMORY_IP";
 
 /// Client threads of the identification-rate runs.
 const CLIENT_THREADS: usize = 4;
@@ -1127,25 +1123,18 @@ fn describe_run(rep: usize, label: &str, t: &Transfer) -> String {
 
 // ===== part C: idle identified devices =====
 
-/// The holder: connect `count` devices (ids `first..`) from `src` to `addr`
-/// once told to, write each id, report, and hold them until stdin closes.
+/// The holder: connect `count` devices (ids `first..`) to `addr` once told
+/// to, write each id, report, and hold them until stdin closes.
 fn hold_devices(addr: &str) -> Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let first: usize = std::env::var(HOLDER_FIRST_ENV)?.parse()?;
     let count: usize = std::env::var(HOLDER_COUNT_ENV)?.parse()?;
-    let src: IpAddr = std::env::var(HOLDER_SRC_ENV)?.parse()?;
     let mut stdin = io::stdin().lock();
     let mut go = String::new();
     stdin.read_line(&mut go)?;
     let mut socks = Vec::with_capacity(count);
     for i in first..first + count {
-        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-        // Ports of an earlier run's sockets in TIME_WAIT may be bound again.
-        sock.set_reuse_address(true)?;
-        sock.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
-        sock.connect(&SockAddr::from(addr))
-            .map_err(|e| format!("device {i}: connect: {e}"))?;
-        let mut sock = TcpStream::from(sock);
+        let mut sock = TcpStream::connect(addr).map_err(|e| format!("device {i}: connect: {e}"))?;
         sock.write_all(device_id(i).as_bytes())?;
         socks.push(sock);
     }
@@ -1225,7 +1214,6 @@ fn memory_child(style: &str) -> Result<()> {
         .split(',')
         .map(str::parse)
         .collect::<std::result::Result<_, _>>()?;
-    let first_ip: u8 = std::env::var(MEMORY_IP_ENV)?.parse()?;
 
     // As `switchboard run` does: parse, build and start on the main thread,
     // keep the Config alive while the engine runs (src/main.rs holds it in
@@ -1255,7 +1243,6 @@ fn memory_child(style: &str) -> Result<()> {
                     &stats,
                     device_addr,
                     &steps,
-                    first_ip,
                     rss_start,
                     baseline,
                     config,
@@ -1283,7 +1270,6 @@ fn memory_steps(
     stats: &RouterStats,
     device_addr: SocketAddr,
     steps: &[usize],
-    first_ip: u8,
     rss_start: u64,
     baseline: isize,
     config: Config,
@@ -1303,13 +1289,10 @@ fn memory_steps(
         let mut batch = Vec::new();
         while online < step {
             let count = (step - online).min(HOLDER_MAX);
-            let host = usize::from(first_ip) + holders.len() + batch.len();
-            let src = Ipv4Addr::new(127, 0, 0, u8::try_from(host)?);
             let envs = [
                 (HOLDER_ENV, device_addr.to_string()),
                 (HOLDER_FIRST_ENV, online.to_string()),
                 (HOLDER_COUNT_ENV, count.to_string()),
-                (HOLDER_SRC_ENV, src.to_string()),
             ];
             batch.push(Helper::spawn(&envs)?);
             online += count;
@@ -1389,8 +1372,7 @@ struct MemoryRun {
     steps: Vec<Step>,
 }
 
-/// Runs a memory child; its holders use 127.0.0.`first_ip` and up.
-fn run_memory(style: Style, connpts: usize, steps: &[usize], first_ip: usize) -> Result<MemoryRun> {
+fn run_memory(style: Style, connpts: usize, steps: &[usize]) -> Result<MemoryRun> {
     let steps_text: Vec<String> = steps.iter().map(usize::to_string).collect();
     let envs = [
         (
@@ -1403,7 +1385,6 @@ fn run_memory(style: Style, connpts: usize, steps: &[usize], first_ip: usize) ->
         ),
         (MEMORY_CONNPTS_ENV, connpts.to_string()),
         (MEMORY_STEPS_ENV, steps_text.join(",")),
-        (MEMORY_IP_ENV, first_ip.to_string()),
     ];
     let mut child = Helper::spawn(&envs)?;
     let mut values: HashMap<String, f64> = HashMap::new();
@@ -1698,23 +1679,18 @@ fn main() -> Result<()> {
             "C. idle identified devices (each run in a fresh process; live heap and VmRSS of that process)"
         );
         let mut runs = Vec::new();
-        // Fresh source addresses per run: ports in TIME_WAIT stay behind.
-        let mut ip = 2;
         if plan.listen_devices > 0 {
             runs.push(run_memory(
                 Style::Listen,
                 plan.listen_devices,
                 &[plan.listen_devices],
-                ip,
             )?);
-            ip += plan.listen_devices.div_ceil(HOLDER_MAX);
         }
         if !plan.connect_steps.is_empty() {
             runs.push(run_memory(
                 Style::Connect,
                 plan.connect_connpts,
                 &plan.connect_steps,
-                ip,
             )?);
         }
         for run in &runs {
