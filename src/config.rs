@@ -32,6 +32,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Default `engine.inbox`: messages another thread may queue for the loop.
 pub const DEFAULT_INBOX: usize = 1024;
+/// Default `engine.listen_backlog`: the kernel's accept queue per listener.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
 /// Largest accepted `engine.max_connections` (keeps slab indices in `u32` and
 /// below the reserved listener tokens on 32-bit targets).
 pub const MAX_MAX_CONNECTIONS: usize = 1 << 24;
@@ -102,6 +104,9 @@ pub struct EngineConfig {
     pub accept_backoff: Duration,
     /// Messages other threads may queue for the loop (see `Handle::send`).
     pub inbox: usize,
+    /// Connections the kernel queues per listener before the loop accepts
+    /// them (capped by the system's `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 impl Default for EngineConfig {
@@ -117,6 +122,7 @@ impl Default for EngineConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             accept_backoff: DEFAULT_ACCEPT_BACKOFF,
             inbox: DEFAULT_INBOX,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
         }
     }
 }
@@ -702,6 +708,9 @@ impl Config {
         }
         if e.inbox == 0 {
             return err("engine.inbox", "must be at least 1".to_owned());
+        }
+        if e.listen_backlog == 0 {
+            return err("engine.listen_backlog", "must be at least 1".to_owned());
         }
         let mut seen: Vec<(SocketAddr, String)> = Vec::new();
         for (i, echo) in self.echo.iter().enumerate() {

@@ -91,6 +91,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    // The roles hold what they need; a large config (tens of thousands of
+    // connpts) should not stay in memory for the whole run.
+    drop(config);
     if let Err(e) = engine.handle_signals().and_then(|()| engine.start()) {
         error!("{e}");
         return ExitCode::from(match e {

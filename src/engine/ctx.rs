@@ -466,7 +466,8 @@ impl Ctx<'_> {
         opts: ListenOptions,
     ) -> Result<ListenerId, ListenError> {
         let core = &mut *self.core;
-        let mut sock = TcpListener::bind(addr).map_err(|error| ListenError { addr, error })?;
+        let backlog = core.config.listen_backlog;
+        let mut sock = bind_listener(addr, backlog).map_err(|error| ListenError { addr, error })?;
         let local = sock
             .local_addr()
             .map_err(|error| ListenError { addr, error })?;
@@ -542,6 +543,19 @@ impl Ctx<'_> {
     pub fn stop(&mut self) {
         self.core.stop_requested = true;
     }
+}
+
+/// A non-blocking listener with `SO_REUSEADDR` (a restart never waits for
+/// TIME_WAIT) and an accept queue of `backlog` (mio's own bind uses 128, which
+/// drops connection bursts while the loop is busy).
+fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(TcpListener::from_std(sock.into()))
 }
 
 /// The connection `key` names, if it still takes output (open or connecting).

@@ -256,11 +256,18 @@ impl Broadcast {
         let key = sub.key;
         let keep = self.config.queue_records - 1;
         let room = |ctx: &Ctx<'_>| ctx.queued_records(key).unwrap_or(0) <= keep;
-        let sent = if room(ctx) {
-            ctx.send_bytes(key, record.clone())
-        } else {
-            Err(SendError::Full)
+        let try_send = |ctx: &mut Ctx<'_>| {
+            if room(ctx) {
+                ctx.send_bytes(key, record.clone())
+            } else {
+                Err(SendError::Full)
+            }
         };
+        let mut sent = try_send(ctx);
+        // As in `deliver`: write what the socket takes before calling it slow.
+        if sent == Err(SendError::Full) && ctx.flush(key) > 0 {
+            sent = try_send(ctx);
+        }
         match sent {
             Ok(()) => {
                 self.delivered += 1;

@@ -191,8 +191,10 @@ impl Router {
             sorted_ids: Vec::with_capacity(n),
             by_ip: HashMap::new(),
             by_addr: HashMap::new(),
-            app_listeners: HashMap::with_capacity(n),
-            links: HashMap::with_capacity(n * 2),
+            app_listeners: HashMap::with_capacity(
+                config.connpt.iter().filter(|c| c.listen.is_some()).count(),
+            ),
+            links: HashMap::with_capacity(n),
             pending: 0,
             pending_per_ip: HashMap::new(),
             config: config.clone(),
