@@ -1216,9 +1216,9 @@ fn memory_child(style: &str) -> Result<()> {
         .collect::<std::result::Result<_, _>>()?;
 
     // As `switchboard run` does: parse, build and start on the main thread,
-    // keep the Config alive while the engine runs (src/main.rs holds it in
-    // `run`), and run the loop on the main thread (same malloc arena as the
-    // parse). A controller thread drives the holders and measures.
+    // and run the loop on the main thread (same malloc arena as the parse).
+    // Unlike the binary (which drops the parsed Config after start-up), the
+    // Config stays alive here, so the heap figures are an upper bound. A controller thread drives the holders and measures.
     let rss_start = rss_bytes().unwrap_or(0);
     let baseline = live();
     let config = router_config(connpts, style)?;
@@ -1700,7 +1700,8 @@ fn main() -> Result<()> {
             };
             println!(
                 "  C{} {} {what}: heap per configured connpt {:.0} B ({:.0} B of it the parsed \
-                 Config, which src/main.rs keeps for the whole run); VmRSS with no device {:.1} MiB",
+                 Config, which this bench keeps alive; the binary drops it after start-up); VmRSS with no \
+                 device {:.1} MiB",
                 if run.style == Style::Listen { 1 } else { 2 },
                 run.connpts,
                 run.configured_heap / run.connpts as f64,
