@@ -88,14 +88,13 @@
 //! used too, as Criterion does; other arguments are ignored.
 //! `SWITCHBOARD_BENCH_ONLY=ident` (or `bridge`, `memory`) runs one part only.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::error::Error;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -144,64 +143,9 @@ const TARGET_HEAP_PER_DEVICE: f64 = 1024.0;
 const TARGET_RSS_DEVICES: usize = 50_000;
 const TARGET_RSS_BYTES: f64 = 64.0 * MIB;
 
-// ===== counting allocator (as in benches/idle_memory.rs) =====
-
-/// Wraps [`System`] and keeps the live heap byte count.
-struct Counting;
-
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-static FREED: AtomicUsize = AtomicUsize::new(0);
-
-#[allow(unsafe_code, reason = "a GlobalAlloc impl is unsafe by definition")]
-// SAFETY: every method forwards to `System` with the caller's arguments
-// unchanged and only adds relaxed counter updates, so `System`'s guarantees hold.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract (non-zero-sized layout, as the caller promised).
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by this allocator (hence `System`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        FREED.fetch_add(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr`/`layout` come from this allocator; `new_size` is valid per the caller.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // The old block is gone and the new one is live; on failure nothing changed.
-            FREED.fetch_add(layout.size(), Ordering::Relaxed);
-            ALLOCATED.fetch_add(new_size, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Live heap bytes now (allocated minus freed, over all threads).
-fn live() -> isize {
-    // Read FREED first: a free counted after we read ALLOCATED cannot make it negative.
-    let freed = FREED.load(Ordering::Relaxed);
-    let allocated = ALLOCATED.load(Ordering::Relaxed);
-    allocated.wrapping_sub(freed) as isize
-}
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live;
 
 // ===== plan =====
 
