@@ -151,6 +151,8 @@ struct Connpt {
     upstream: Option<ConnKey>,
     redial: Option<TimerKey>,
     backoff: Duration,
+    /// When the current upstream connected.
+    connected_at: Option<Instant>,
     keepalive: Option<TimerKey>,
     /// The device is paused because a target's queue was full.
     device_paused: bool,
@@ -230,6 +232,7 @@ impl Router {
                 upstream: None,
                 redial: None,
                 backoff: config.reconnect_min,
+                connected_at: None,
                 keepalive: None,
                 device_paused: false,
                 held: Vec::new(),
@@ -650,6 +653,7 @@ impl Router {
             ctx.cancel_timer(t);
         }
         c.backoff = self.config.reconnect_min;
+        c.connected_at = None;
         if let Some(up) = c.upstream.take() {
             self.links.remove(&up);
             ctx.close(up);
@@ -801,12 +805,15 @@ impl Role for Router {
         }
     }
 
-    fn on_connected(&mut self, _: &mut Ctx<'_>, conn: ConnKey) {
+    fn on_connected(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
         if let Some(Link::Upstream(i)) = self.links.get(&conn) {
             let i = *i;
-            let min = self.config.reconnect_min;
+            let now = ctx.now();
             if let Some(c) = self.connpt(i) {
-                c.backoff = min;
+                // The back-off resets only once the upstream has stayed up
+                // (see `on_closed`): one that accepts and drops at once is
+                // not re-dialled at the minimum delay forever.
+                c.connected_at = Some(now);
                 debug!("{}: upstream connected", c.name);
             }
         }
@@ -853,10 +860,15 @@ impl Role for Router {
                 let i = *i;
                 self.links.remove(&conn);
                 let name = self.config.name.clone();
+                let (min, stable) = (self.config.reconnect_min, self.config.reconnect_max);
+                let now = ctx.now();
                 if let Some(c) = self.connpt(i)
                     && c.upstream == Some(conn)
                 {
                     c.upstream = None;
+                    if c.connected_at.take().is_some_and(|at| now >= at + stable) {
+                        c.backoff = min;
+                    }
                     warn!(
                         "{name}: {} upstream closed ({reason}); re-dialling while the device is online",
                         c.name
