@@ -46,10 +46,13 @@
 //! `SWITCHBOARD_BENCH_ONLY=throughput` (or `latency`) one kind of run only
 //! (for profiling).
 
+#[path = "support/harness.rs"]
+mod harness;
+use harness::{percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -96,13 +99,6 @@ fn epoch() -> Instant {
 /// Nanoseconds since [`EPOCH`].
 fn now_ns() -> u64 {
     u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// `SWITCHBOARD_BENCH_QUICK=1`, or not run by `cargo bench` (which passes
-/// `--bench`; `cargo test --benches` does not). Other arguments are ignored.
-fn quick_mode() -> bool {
-    std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0")
-        || !std::env::args().skip(1).any(|a| a == "--bench")
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -209,19 +205,6 @@ max_subscribers = 2000
 stall_timeout = "10m"
 "#;
 
-/// CPU time a thread has run, from `<task>/schedstat` (Linux).
-fn task_cpu_ns(task: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
-    stat.split_whitespace().next()?.parse().ok()
-}
-
-/// `/proc/<pid>/task/<tid>` of the calling thread (Linux).
-fn this_task() -> Option<PathBuf> {
-    std::fs::read_link("/proc/thread-self")
-        .ok()
-        .map(|p| Path::new("/proc").join(p))
-}
-
 impl Server {
     fn start() -> Result<Server> {
         let config = Config::parse(CONFIG)?;
@@ -237,16 +220,7 @@ impl Server {
         }
         let (subs, ingest) = (subs.addr, ingest.addr);
         let handle = engine.handle();
-        let task = Arc::new(OnceLock::new());
-        let me = Arc::clone(&task);
-        let thread = thread::Builder::new()
-            .name("engine".into())
-            .spawn(move || {
-                if let Some(t) = this_task() {
-                    me.set(t).ok();
-                }
-                engine.run()
-            })?;
+        let (thread, task) = spawn_engine(engine)?;
         Ok(Server {
             subs,
             ingest,
@@ -789,16 +763,6 @@ fn run_throughput(n: usize, plan: &Plan) -> Result<Throughput> {
         per_turn: deliveries / turns.max(1) as f64,
         peak_rss_kib,
     })
-}
-
-/// Nearest-rank percentile of sorted samples (nanoseconds), in microseconds.
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    let i = rank.clamp(1, sorted.len()) - 1;
-    sorted.get(i).copied().unwrap_or_default() as f64 / 1_000.0
 }
 
 fn run_latency(n: usize, plan: &Plan) -> Result<Latency> {

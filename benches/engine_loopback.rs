@@ -21,10 +21,13 @@
 //! used too, as Criterion does; other arguments are ignored.
 //! `SWITCHBOARD_BENCH_ONLY=engine` (or `std`) runs one server only, for profiling.
 
+#[path = "support/harness.rs"]
+mod harness;
+use harness::{percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -45,13 +48,6 @@ const REPEATS: usize = 2;
 /// A client read that waits this long means a stalled server: fail, don't hang.
 const STALL: Duration = Duration::from_secs(30);
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-
-/// `SWITCHBOARD_BENCH_QUICK=1`, or not run by `cargo bench` (which passes
-/// `--bench`; `cargo test --benches` does not). Other arguments are ignored.
-fn quick_mode() -> bool {
-    std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0")
-        || !std::env::args().skip(1).any(|a| a == "--bench")
-}
 
 /// Volumes for one run of the bench.
 #[derive(Debug, Clone, Copy)]
@@ -155,19 +151,6 @@ struct StdCpu {
     unknown: AtomicBool,
 }
 
-/// CPU time a thread has run, from `<task>/schedstat` (Linux).
-fn task_cpu_ns(task: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
-    stat.split_whitespace().next()?.parse().ok()
-}
-
-/// `/proc/<pid>/task/<tid>` of the calling thread (Linux).
-fn this_task() -> Option<PathBuf> {
-    std::fs::read_link("/proc/thread-self")
-        .ok()
-        .map(|p| Path::new("/proc").join(p))
-}
-
 // ===== impl Server =====
 
 impl Server {
@@ -183,16 +166,7 @@ impl Server {
                     .map(|l| l.addr)
                     .ok_or("the engine opened no listener")?;
                 let handle = engine.handle();
-                let task = Arc::new(OnceLock::new());
-                let me = Arc::clone(&task);
-                let thread = thread::Builder::new()
-                    .name("engine".into())
-                    .spawn(move || {
-                        if let Some(t) = this_task() {
-                            me.set(t).ok();
-                        }
-                        engine.run()
-                    })?;
+                let (thread, task) = spawn_engine(engine)?;
                 Ok(Server::Engine {
                     addr,
                     handle,
@@ -376,16 +350,6 @@ fn throughput(server: &Server, conns: usize, per_conn: usize) -> Result<Throughp
         mib_s: echoed as f64 / MIB / secs,
         cpu_s_per_gib: cpu_s.map(|c| c / (echoed as f64 / GIB)),
     })
-}
-
-/// Nearest-rank percentile of sorted samples (nanoseconds), in microseconds.
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    let i = rank.clamp(1, sorted.len()) - 1;
-    sorted.get(i).copied().unwrap_or_default() as f64 / 1_000.0
 }
 
 /// One connection, 64-byte round trips: `warmup` unmeasured, then `n` measured.

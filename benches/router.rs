@@ -88,11 +88,14 @@
 //! used too, as Criterion does; other arguments are ignored.
 //! `SWITCHBOARD_BENCH_ONLY=ident` (or `bridge`, `memory`) runs one part only.
 
+#[path = "support/harness.rs"]
+mod harness;
+use harness::{quick_mode, spawn_engine, task_cpu_ns};
 use std::collections::HashMap;
 use std::error::Error;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, OnceLock};
@@ -148,13 +151,6 @@ mod counting_alloc;
 use counting_alloc::live;
 
 // ===== plan =====
-
-/// `SWITCHBOARD_BENCH_QUICK=1`, or not run by `cargo bench` (which passes
-/// `--bench`; `cargo test --benches` does not). Other arguments are ignored.
-fn quick_mode() -> bool {
-    std::env::var_os("SWITCHBOARD_BENCH_QUICK").is_some_and(|v| v != "0")
-        || !std::env::args().skip(1).any(|a| a == "--bench")
-}
 
 /// Volumes for one run of the bench.
 #[derive(Debug, Clone)]
@@ -242,19 +238,6 @@ fn rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// CPU time a thread has run, from `<task>/schedstat` (Linux).
-fn task_cpu_ns(task: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
-    stat.split_whitespace().next()?.parse().ok()
-}
-
-/// `/proc/<pid>/task/<tid>` of the calling thread (Linux).
-fn this_task() -> Option<PathBuf> {
-    std::fs::read_link("/proc/thread-self")
-        .ok()
-        .map(|p| Path::new("/proc").join(p))
-}
-
 fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "MISSED" }
 }
@@ -326,16 +309,7 @@ impl Running {
         let device_addr = addrs.next().ok_or("the router opened no listener")?;
         let connpt_addrs = addrs.collect();
         let handle = engine.handle();
-        let task = Arc::new(OnceLock::new());
-        let me = Arc::clone(&task);
-        let thread = thread::Builder::new()
-            .name("engine".into())
-            .spawn(move || {
-                if let Some(t) = this_task() {
-                    me.set(t).ok();
-                }
-                engine.run()
-            })?;
+        let (thread, task) = spawn_engine(engine)?;
         Ok(Running {
             handle,
             stats,
