@@ -45,7 +45,11 @@ impl TestEngine {
     /// new thread.
     pub(crate) fn start(toml: &str) -> TestEngine {
         let config = Config::parse(toml).unwrap_or_else(|e| panic!("bad test config: {e}"));
-        let mut engine = Engine::from_config(&config).expect("engine");
+        TestEngine::run(Engine::from_config(&config).expect("engine"))
+    }
+
+    /// Start `engine` (binding its listeners) and run it on a new thread.
+    fn run(mut engine: Engine) -> TestEngine {
         engine.start().expect("engine start");
         let addrs = engine.listeners().iter().map(|l| l.addr).collect();
         let handle = engine.handle();
@@ -69,19 +73,7 @@ impl TestEngine {
     ) -> (TestEngine, Vec<RoleId>) {
         let mut engine = Engine::new(config).expect("engine");
         let ids = roles.into_iter().map(|r| engine.add_role(r)).collect();
-        engine.start().expect("engine start");
-        let addrs = engine.listeners().iter().map(|l| l.addr).collect();
-        let handle = engine.handle();
-        let thread = thread::Builder::new()
-            .name("engine".into())
-            .spawn(move || engine.run())
-            .expect("spawn engine thread");
-        let engine = TestEngine {
-            addrs,
-            handle,
-            thread: Some(thread),
-        };
-        (engine, ids)
+        (TestEngine::run(engine), ids)
     }
 
     /// The first listener's address.
