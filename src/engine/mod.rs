@@ -886,24 +886,16 @@ impl Engine {
                 }
             }
         }
-        // Budget used up: more may be due; the zero-timeout poll comes via `ready`.
-        if self
-            .core
-            .timers
-            .next_deadline()
-            .is_some_and(|at| at <= self.core.now)
-        {
-            self.core.ready.push(usize::MAX);
-        }
+        // Budget used up: the rest are overdue, so `poll_timeout` (from the
+        // next deadline) is zero and they fire next turn.
     }
 
     fn work_ready_list(&mut self) {
-        std::mem::swap(&mut self.core.ready, &mut self.ready_work);
+        // Connections marked ready while this runs wait for the next turn.
         let mut work = std::mem::take(&mut self.ready_work);
+        std::mem::swap(&mut self.core.ready, &mut work);
         for idx in work.drain(..) {
-            if idx != usize::MAX {
-                self.pump(idx);
-            }
+            self.pump(idx);
         }
         self.ready_work = work;
     }
