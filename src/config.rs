@@ -14,8 +14,9 @@ use serde::{Deserialize, Deserializer};
 
 /// Default `engine.max_connections`: connections held at once (all roles).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Default `engine.buffer_bytes`: size of one pooled read/copy buffer.
-pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
+/// Default `engine.buffer_bytes`: size of one pooled read/copy buffer (64 KiB
+/// plus room for a whole 65 535-byte tunnel frame and its header).
+pub const DEFAULT_BUFFER_BYTES: usize = 66 * 1024;
 /// Default `engine.buffer_pool`: idle buffers kept for reuse.
 pub const DEFAULT_BUFFER_POOL: usize = 256;
 /// Default `engine.queue_bytes`: per-connection send queue bound.

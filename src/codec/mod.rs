@@ -8,9 +8,11 @@
 
 mod length;
 mod line;
+pub mod tunnel;
 
 pub use length::{LengthDecoder, LengthWidth};
 pub use line::LineDecoder;
+pub use tunnel::TunnelDecoder;
 
 use std::fmt;
 
@@ -129,6 +131,19 @@ pub enum Framing {
         /// Longest accepted payload in bytes.
         max: usize,
     },
+    /// Tunnel link frames ([`tunnel`]): `[size: u16][command][id][payload]`;
+    /// `max` bounds the payload (at most 65 535).
+    Tunnel {
+        /// Longest accepted payload in bytes.
+        max: usize,
+    },
+    /// No framing, but at most `max` bytes per frame (at least 1): a role
+    /// that forwards a byte stream in bounded pieces, and may pause between
+    /// pieces with the rest left buffered.
+    Chunk {
+        /// Most bytes in one frame.
+        max: usize,
+    },
 }
 
 impl Framing {
@@ -140,6 +155,8 @@ impl Framing {
             Framing::Line { max } => Some(max),
             Framing::U16 { max } => max.checked_add(2),
             Framing::U32 { max } => max.checked_add(4),
+            Framing::Tunnel { max } => max.min(tunnel::MAX_PAYLOAD).checked_add(tunnel::HEADER_LEN),
+            Framing::Chunk { max } => Some(max),
         }
     }
 
@@ -151,6 +168,8 @@ impl Framing {
             Framing::Line { .. } => LineDecoder::encoded_len(payload_len),
             Framing::U16 { .. } => LengthWidth::U16.encoded_len(payload_len),
             Framing::U32 { .. } => LengthWidth::U32.encoded_len(payload_len),
+            Framing::Tunnel { .. } => tunnel::HEADER_LEN.checked_add(payload_len),
+            Framing::Chunk { .. } => Some(payload_len),
         }
     }
 
@@ -162,7 +181,7 @@ impl Framing {
     /// with [`EncodeError::NoSpace`]. On error nothing is written.
     pub fn encode(&self, payload: &[u8], dst: &mut impl BufMut) -> Result<(), EncodeError> {
         match *self {
-            Framing::Raw => {
+            Framing::Raw | Framing::Chunk { .. } => {
                 check_space(payload.len(), dst)?;
                 dst.put_slice(payload);
                 Ok(())
@@ -170,6 +189,20 @@ impl Framing {
             Framing::Line { max } => LineDecoder::new(max).encode(payload, dst),
             Framing::U16 { max } => LengthDecoder::new(LengthWidth::U16, max).encode(payload, dst),
             Framing::U32 { max } => LengthDecoder::new(LengthWidth::U32, max).encode(payload, dst),
+            Framing::Tunnel { max } => {
+                // A DATA frame for client 0: the generic encoder knows no command.
+                let max = max.min(tunnel::MAX_PAYLOAD);
+                let len = payload.len();
+                if len > max {
+                    return Err(EncodeError::TooLong { len, max });
+                }
+                check_space(tunnel::HEADER_LEN + len, dst)?;
+                let head = tunnel::header(tunnel::Command::Data, 0, len)
+                    .ok_or(EncodeError::TooLong { len, max })?;
+                dst.put_slice(&head);
+                dst.put_slice(payload);
+                Ok(())
+            }
         }
     }
 }
@@ -193,6 +226,10 @@ pub enum Decoder {
     Line(LineDecoder),
     /// See [`Framing::U16`] and [`Framing::U32`].
     Length(LengthDecoder),
+    /// See [`Framing::Tunnel`].
+    Tunnel(TunnelDecoder),
+    /// See [`Framing::Chunk`]: the most bytes per frame.
+    Chunk(usize),
 }
 
 // ===== impl Decoder =====
@@ -205,6 +242,8 @@ impl Decoder {
             Framing::Line { max } => Decoder::Line(LineDecoder::new(max)),
             Framing::U16 { max } => Decoder::Length(LengthDecoder::new(LengthWidth::U16, max)),
             Framing::U32 { max } => Decoder::Length(LengthDecoder::new(LengthWidth::U32, max)),
+            Framing::Tunnel { max } => Decoder::Tunnel(TunnelDecoder::new(max)),
+            Framing::Chunk { max } => Decoder::Chunk(max.max(1)),
         }
     }
 
@@ -234,6 +273,15 @@ impl Decoder {
             }),
             Decoder::Line(d) => d.decode(src),
             Decoder::Length(d) => d.decode(src),
+            Decoder::Tunnel(d) => d.decode(src),
+            Decoder::Chunk(max) => {
+                let raw = src.get(..*max).unwrap_or(src);
+                Ok(if raw.is_empty() {
+                    Decoded::NeedMore
+                } else {
+                    Decoded::Frame(Frame { raw, payload: raw }, raw.len())
+                })
+            }
         }
     }
 
@@ -241,9 +289,10 @@ impl Decoder {
     /// including a resynchronisation in progress.
     pub fn reset(&mut self) {
         match self {
-            Decoder::Raw => {}
+            Decoder::Raw | Decoder::Chunk(_) => {}
             Decoder::Line(d) => d.reset(),
             Decoder::Length(d) => d.reset(),
+            Decoder::Tunnel(d) => d.reset(),
         }
     }
 
@@ -262,7 +311,7 @@ impl Decoder {
                 d.resync();
                 true
             }
-            Decoder::Raw | Decoder::Length(_) => false,
+            Decoder::Raw | Decoder::Length(_) | Decoder::Tunnel(_) | Decoder::Chunk(_) => false,
         }
     }
 }

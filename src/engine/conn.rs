@@ -56,6 +56,17 @@ pub(crate) enum State {
     Closed,
 }
 
+/// The sending side of a connection that keeps reading (half-close).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShutWrite {
+    /// Sending.
+    No,
+    /// Shut down the write side once the send queue is empty.
+    Pending,
+    /// FIN sent; nothing more can be queued.
+    Done,
+}
+
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) sock: TcpStream,
@@ -73,6 +84,8 @@ pub(crate) struct Conn {
     /// Connect timeout while `Connecting`, linger deadline while `Closing`.
     pub(crate) aux_timer: Option<TimerKey>,
     pub(crate) read_closed: bool,
+    /// [`crate::Ctx::shutdown_write`]: send FIN once the queue is flushed.
+    pub(crate) shut_write: ShutWrite,
     pub(crate) notify_writable: bool,
     pub(crate) in_ready_list: bool,
     /// Set when the connection was an outbound connect that never completed.

@@ -17,7 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
 use super::buffer::QueueFull;
-use super::conn::{Conn, READABLE, State};
+use super::conn::{Conn, READABLE, ShutWrite, State};
 use super::handle::Handle;
 use super::handle::Stats;
 use super::timer::TimerKey;
@@ -377,6 +377,19 @@ impl Ctx<'_> {
         self.core.close_gracefully(key, reason);
     }
 
+    /// Half-close `key`: once its queued bytes are written, shut down its
+    /// sending side (the peer reads EOF) and keep reading. Nothing more can
+    /// be queued afterwards ([`SendError::Closed`]); the role still closes
+    /// the connection when it is done with it.
+    pub fn shutdown_write(&mut self, key: ConnKey) {
+        if let Some(c) = self.core.conn_mut(key)
+            && c.shut_write == ShutWrite::No
+        {
+            c.shut_write = ShutWrite::Pending;
+            self.core.mark_ready(key.index as usize);
+        }
+    }
+
     /// Close `key` now, dropping anything queued.
     pub fn abort(&mut self, key: ConnKey) {
         if self.core.conn(key).is_some() {
@@ -563,7 +576,8 @@ fn sendable(conns: &mut Slab<Conn>, key: ConnKey) -> Result<&mut Conn, SendError
     match conns.get_mut(key.index as usize) {
         Some(c)
             if c.generation == key.generation
-                && matches!(c.state, State::Open | State::Connecting) =>
+                && matches!(c.state, State::Open | State::Connecting)
+                && c.shut_write == ShutWrite::No =>
         {
             Ok(c)
         }

@@ -37,7 +37,7 @@ use crate::codec::{Decoded, Decoder, FrameError, Framing};
 use crate::config::EngineConfig;
 use crate::role::{OnFrameError, Role};
 use buffer::{BufferPool, MAX_IOV, SendQueue};
-use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, State, WRITABLE};
+use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, ShutWrite, State, WRITABLE};
 use handle::{Command, Shared, Stats};
 use timer::Timers;
 use token::Target;
@@ -1126,6 +1126,13 @@ impl Core {
             return total;
         }
         c.tx.release(&mut self.pool);
+        if c.shut_write == ShutWrite::Pending && c.state == State::Open {
+            c.shut_write = ShutWrite::Done;
+            match c.sock.shutdown(std::net::Shutdown::Write) {
+                Ok(()) => debug!("{key} sending side shut down"),
+                Err(e) => debug!("{key} shutdown(write) failed: {e}"),
+            }
+        }
         if c.state == State::Closing {
             let reason = c.reason;
             self.close_now(idx, reason);
@@ -1177,6 +1184,7 @@ impl Core {
             idle_timer: None,
             aux_timer: None,
             read_closed: false,
+            shut_write: ShutWrite::No,
             notify_writable: false,
             in_ready_list: false,
             never_connected: outbound,
