@@ -74,6 +74,12 @@ pub struct Config {
     /// `[[router]]` roles.
     #[serde(default)]
     pub router: Vec<RouterConfig>,
+    /// `[[tunnel_server]]` roles.
+    #[serde(default)]
+    pub tunnel_server: Vec<TunnelServerConfig>,
+    /// `[[tunnel_agent]]` roles.
+    #[serde(default)]
+    pub tunnel_agent: Vec<TunnelAgentConfig>,
 }
 
 /// `[engine]`: loop-wide limits.
@@ -461,6 +467,433 @@ fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
 }
 
+/// Default tunnel `window`: credit per stream and direction, in bytes.
+pub const DEFAULT_TUNNEL_WINDOW: u32 = 256 * 1024;
+/// Default tunnel `max_data`: the largest DATA payload sent.
+pub const DEFAULT_TUNNEL_MAX_DATA: usize = 16 * 1024;
+/// The largest tunnel frame payload (the header's u16).
+pub const MAX_TUNNEL_FRAME: usize = u16::MAX as usize;
+/// The most streams one link can carry (the one-byte client id).
+pub const MAX_TUNNEL_STREAMS: usize = 256;
+
+/// `[[tunnel_server]]`: agents dial in; clients of each service's public port
+/// are multiplexed over that service's link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelServerConfig {
+    /// Name used in logs (default `"tunnel"`).
+    #[serde(default = "default_tunnel_name")]
+    pub name: String,
+    /// Agents dial this address.
+    pub listen: SocketAddr,
+    /// The services agents can offer.
+    #[serde(default)]
+    pub service: Vec<ServiceConfig>,
+    /// Streams per link at once (at most 256); more clients are refused.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// Credit per stream and direction, and the most bytes queued for one stream's socket.
+    #[serde(default = "default_window")]
+    pub window: u32,
+    /// Largest DATA payload sent (1..=65535).
+    #[serde(default = "default_max_data")]
+    pub max_data: usize,
+    /// Largest frame payload accepted from an agent (1..=65535).
+    #[serde(default = "default_max_frame")]
+    pub max_frame: usize,
+    /// Extended links: PING every so often.
+    #[serde(
+        default = "default_heartbeat_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub heartbeat_interval: Duration,
+    /// Extended links: close after receiving nothing for this long.
+    #[serde(
+        default = "default_heartbeat_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub heartbeat_timeout: Duration,
+    /// Close a link that has not completed LISTEN (and AUTH) by then.
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Links still in their handshake at once; more are closed.
+    #[serde(default = "default_max_pending_links")]
+    pub max_pending: usize,
+    /// Base mode: an id the server closed stays unused this long.
+    #[serde(default = "default_id_quarantine", deserialize_with = "de_duration")]
+    pub id_quarantine: Duration,
+    /// Base mode: a stream that keeps the link paused this long is closed.
+    #[serde(default = "default_tunnel_stall", deserialize_with = "de_duration")]
+    pub stall_timeout: Duration,
+}
+
+/// `[[tunnel_server.service]]`: one public port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The name an agent asks for in its LISTEN.
+    pub name: String,
+    /// Clients connect here; open while an agent is linked.
+    pub public: SocketAddr,
+    /// Shared secret; omit to accept a base-protocol agent (empty LISTEN).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `[[tunnel_agent]]` (or `switchboard agent`): dial a tunnel server and
+/// connect its streams to a local service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelAgentConfig {
+    /// The service to ask for (empty: the server's first service without a token).
+    #[serde(default)]
+    pub name: String,
+    /// The server, `host:port` (a host name is resolved at start-up).
+    pub server: String,
+    /// The local service streams connect to.
+    pub local: SocketAddr,
+    /// Shared secret of the service.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Targets a CONNECT may name (default: `local` only).
+    #[serde(default)]
+    pub allow: Vec<SocketAddr>,
+    /// Ask for the protocol extensions (`false`: plain base protocol).
+    #[serde(default = "default_true")]
+    pub extensions: bool,
+    /// Streams at once (at most 256).
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// As for the server.
+    #[serde(default = "default_window")]
+    pub window: u32,
+    /// As for the server.
+    #[serde(default = "default_max_data")]
+    pub max_data: usize,
+    /// As for the server.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: usize,
+    /// As for the server.
+    #[serde(
+        default = "default_heartbeat_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub heartbeat_interval: Duration,
+    /// As for the server.
+    #[serde(
+        default = "default_heartbeat_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub heartbeat_timeout: Duration,
+    /// Time limit for connecting to the local service.
+    #[serde(
+        default = "default_agent_connect_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub connect_timeout: Duration,
+    /// First reconnect delay (doubles, with jitter, up to `reconnect_max`).
+    #[serde(default = "default_reconnect_min", deserialize_with = "de_duration")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay; a link that stayed up this long resets the back-off.
+    #[serde(
+        default = "default_agent_reconnect_max",
+        deserialize_with = "de_duration"
+    )]
+    pub reconnect_max: Duration,
+    /// Base mode: a stream that keeps the link paused this long is closed.
+    #[serde(default = "default_tunnel_stall", deserialize_with = "de_duration")]
+    pub stall_timeout: Duration,
+}
+
+fn default_tunnel_name() -> String {
+    "tunnel".to_owned()
+}
+fn default_max_streams() -> usize {
+    MAX_TUNNEL_STREAMS
+}
+fn default_window() -> u32 {
+    DEFAULT_TUNNEL_WINDOW
+}
+fn default_max_data() -> usize {
+    DEFAULT_TUNNEL_MAX_DATA
+}
+fn default_max_frame() -> usize {
+    MAX_TUNNEL_FRAME
+}
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_pending_links() -> usize {
+    64
+}
+fn default_id_quarantine() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_tunnel_stall() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_agent_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_agent_reconnect_max() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl TunnelAgentConfig {
+    /// An agent with every default but the four command-line settings.
+    pub fn new(server: String, local: SocketAddr, name: String, token: Option<String>) -> Self {
+        TunnelAgentConfig {
+            name,
+            server,
+            local,
+            token,
+            allow: Vec::new(),
+            extensions: true,
+            max_streams: MAX_TUNNEL_STREAMS,
+            window: DEFAULT_TUNNEL_WINDOW,
+            max_data: DEFAULT_TUNNEL_MAX_DATA,
+            max_frame: MAX_TUNNEL_FRAME,
+            heartbeat_interval: default_heartbeat_interval(),
+            heartbeat_timeout: default_heartbeat_timeout(),
+            connect_timeout: default_agent_connect_timeout(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_agent_reconnect_max(),
+            stall_timeout: default_tunnel_stall(),
+        }
+    }
+}
+
+/// The stream settings both tunnel roles share, checked the same way.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call per role, keys named at the call"
+)]
+fn validate_tunnel_common(
+    key: &dyn Fn(&str) -> String,
+    e: &EngineConfig,
+    max_streams: usize,
+    window: u32,
+    max_data: usize,
+    max_frame: usize,
+    heartbeat: (Duration, Duration),
+    stall_timeout: Duration,
+) -> Result<(), ConfigError> {
+    let err = |k: &str, message: String| {
+        Err(ConfigError {
+            file: None,
+            key: key(k),
+            message,
+        })
+    };
+    if max_streams == 0 || max_streams > MAX_TUNNEL_STREAMS {
+        return err(
+            "max_streams",
+            format!("must be between 1 and {MAX_TUNNEL_STREAMS}, got {max_streams}"),
+        );
+    }
+    if max_data == 0 || max_data > MAX_TUNNEL_FRAME {
+        return err(
+            "max_data",
+            format!("must be between 1 and {MAX_TUNNEL_FRAME}, got {max_data}"),
+        );
+    }
+    if max_frame == 0 || max_frame > MAX_TUNNEL_FRAME {
+        return err(
+            "max_frame",
+            format!("must be between 1 and {MAX_TUNNEL_FRAME}, got {max_frame}"),
+        );
+    }
+    if e.buffer_bytes < max_frame + crate::codec::tunnel::HEADER_LEN {
+        return err(
+            "max_frame",
+            format!(
+                "a whole frame ({} bytes with its header) must fit engine.buffer_bytes ({})",
+                max_frame + crate::codec::tunnel::HEADER_LEN,
+                e.buffer_bytes
+            ),
+        );
+    }
+    if (window as usize) < max_data {
+        return err(
+            "window",
+            format!("must be at least max_data ({max_data}), got {window}"),
+        );
+    }
+    let (interval, timeout) = heartbeat;
+    if interval < Duration::from_millis(10) {
+        return err(
+            "heartbeat_interval",
+            format!("must be at least 10ms, got {interval:?}"),
+        );
+    }
+    if timeout <= interval {
+        return err(
+            "heartbeat_timeout",
+            format!("must be longer than heartbeat_interval ({interval:?}), got {timeout:?}"),
+        );
+    }
+    if stall_timeout.is_zero() {
+        return err("stall_timeout", "must be longer than 0".to_owned());
+    }
+    Ok(())
+}
+
+fn validate_tunnel_server(
+    i: usize,
+    t: &TunnelServerConfig,
+    e: &EngineConfig,
+    seen: &mut Vec<(SocketAddr, String)>,
+) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("tunnel_server[{i}].{k}");
+    let err = |k: String, message: String| {
+        Err(ConfigError {
+            file: None,
+            key: k,
+            message,
+        })
+    };
+    if t.name.is_empty() {
+        return err(key("name"), "must not be empty".to_owned());
+    }
+    validate_tunnel_common(
+        &key,
+        e,
+        t.max_streams,
+        t.window,
+        t.max_data,
+        t.max_frame,
+        (t.heartbeat_interval, t.heartbeat_timeout),
+        t.stall_timeout,
+    )?;
+    if t.max_frame < crate::codec::tunnel::MAX_NAME_LEN + 32 {
+        return err(
+            key("max_frame"),
+            format!(
+                "must be at least 96 to take a LISTEN request, got {}",
+                t.max_frame
+            ),
+        );
+    }
+    if t.handshake_timeout.is_zero() {
+        return err(key("handshake_timeout"), "must be longer than 0".to_owned());
+    }
+    if t.max_pending == 0 {
+        return err(key("max_pending"), "must be at least 1".to_owned());
+    }
+    if t.service.is_empty() {
+        return err(key("service"), "at least one service is needed".to_owned());
+    }
+    check_unique(seen, t.listen, key("listen"))?;
+    for (j, s) in t.service.iter().enumerate() {
+        let skey = |k: &str| format!("tunnel_server[{i}].service[{j}].{k}");
+        if s.name.is_empty() || s.name.len() > crate::codec::tunnel::MAX_NAME_LEN {
+            return err(
+                skey("name"),
+                format!(
+                    "must be 1 to {} bytes, got {}",
+                    crate::codec::tunnel::MAX_NAME_LEN,
+                    s.name.len()
+                ),
+            );
+        }
+        if t.service[..j].iter().any(|o| o.name == s.name) {
+            return err(
+                skey("name"),
+                format!("service '{}' is defined twice", s.name),
+            );
+        }
+        if s.token.as_deref() == Some("") {
+            return err(
+                skey("token"),
+                "must not be empty (omit it for a service without a token)".to_owned(),
+            );
+        }
+        check_unique(seen, s.public, skey("public"))?;
+    }
+    Ok(())
+}
+
+fn validate_tunnel_agent(
+    i: usize,
+    a: &TunnelAgentConfig,
+    e: &EngineConfig,
+) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("tunnel_agent[{i}].{k}");
+    let err = |k: String, message: String| {
+        Err(ConfigError {
+            file: None,
+            key: k,
+            message,
+        })
+    };
+    validate_tunnel_common(
+        &key,
+        e,
+        a.max_streams,
+        a.window,
+        a.max_data,
+        a.max_frame,
+        (a.heartbeat_interval, a.heartbeat_timeout),
+        a.stall_timeout,
+    )?;
+    if a.name.len() > crate::codec::tunnel::MAX_NAME_LEN {
+        return err(
+            key("name"),
+            format!(
+                "must be at most {} bytes, got {}",
+                crate::codec::tunnel::MAX_NAME_LEN,
+                a.name.len()
+            ),
+        );
+    }
+    match a.server.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+        _ => {
+            return err(
+                key("server"),
+                format!("must be host:port, got '{}'", a.server),
+            );
+        }
+    }
+    if a.token.as_deref() == Some("") {
+        return err(
+            key("token"),
+            "must not be empty (omit it for a service without a token)".to_owned(),
+        );
+    }
+    if a.token.is_some() && !a.extensions {
+        return err(
+            key("token"),
+            "needs extensions = true (the base protocol has no authentication)".to_owned(),
+        );
+    }
+    if a.connect_timeout.is_zero() {
+        return err(key("connect_timeout"), "must be longer than 0".to_owned());
+    }
+    if a.reconnect_min.is_zero() || a.reconnect_max < a.reconnect_min {
+        return err(
+            key("reconnect_max"),
+            format!(
+                "need 0 < reconnect_min <= reconnect_max, got {:?} and {:?}",
+                a.reconnect_min, a.reconnect_max
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Where a broadcast's publishers come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingest {
@@ -822,6 +1255,12 @@ impl Config {
         for (i, r) in self.router.iter().enumerate() {
             validate_router(i, r, &mut seen)?;
         }
+        for (i, t) in self.tunnel_server.iter().enumerate() {
+            validate_tunnel_server(i, t, e, &mut seen)?;
+        }
+        for (i, a) in self.tunnel_agent.iter().enumerate() {
+            validate_tunnel_agent(i, a, e)?;
+        }
         if self
             .broadcast
             .iter()
@@ -873,7 +1312,42 @@ impl Config {
                 r.connpt.len() - listens
             ));
         }
-        if self.echo.is_empty() && self.broadcast.is_empty() && self.router.is_empty() {
+        for t in &self.tunnel_server {
+            out.push_str(&format!(
+                "tunnel_server '{}': agents on {}, {} services:",
+                t.name,
+                t.listen,
+                t.service.len()
+            ));
+            for s in &t.service {
+                let auth = if s.token.is_some() {
+                    "token"
+                } else {
+                    "no token"
+                };
+                out.push_str(&format!(" {} (public {}, {auth})", s.name, s.public));
+            }
+            out.push('\n');
+        }
+        for a in &self.tunnel_agent {
+            out.push_str(&format!(
+                "tunnel_agent '{}': server {}, local {}, {}\n",
+                a.name,
+                a.server,
+                a.local,
+                if a.extensions {
+                    "extensions asked for"
+                } else {
+                    "base protocol"
+                }
+            ));
+        }
+        if self.echo.is_empty()
+            && self.broadcast.is_empty()
+            && self.router.is_empty()
+            && self.tunnel_server.is_empty()
+            && self.tunnel_agent.is_empty()
+        {
             out.push_str("(no roles configured: nothing would listen)\n");
         }
         out

@@ -136,6 +136,12 @@ impl Engine {
         for router in &config.router {
             engine.add_role(Box::new(role::Router::new(router)));
         }
+        for server in &config.tunnel_server {
+            engine.add_role(Box::new(role::TunnelServer::new(server)));
+        }
+        for agent in &config.tunnel_agent {
+            engine.add_role(Box::new(role::TunnelAgent::new(agent)));
+        }
         Ok(engine)
     }
 }

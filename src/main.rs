@@ -9,9 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, error, info};
+use switchboard::config::TunnelAgentConfig;
 use switchboard::{Config, Engine, EngineError};
 
-/// A single-threaded TCP gateway engine: echo (more roles to come) on one poll loop.
+/// A single-threaded TCP gateway engine: echo, broadcast, router and tunnel roles on one poll loop.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard", version, about, long_about = None)]
 struct Cli {
@@ -38,6 +39,22 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Run a tunnel agent, no config file needed: dial the server and expose
+    /// the local service through it (see docs/PROTOCOL.md).
+    Agent {
+        /// The tunnel server, host:port.
+        #[arg(long, value_name = "HOST:PORT")]
+        server: String,
+        /// The local service streams connect to, ip:port.
+        #[arg(long, value_name = "IP:PORT")]
+        local: std::net::SocketAddr,
+        /// The service to ask for (default: the server's first service without a token).
+        #[arg(long, value_name = "NAME", default_value = "")]
+        name: String,
+        /// The service's shared secret.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -58,6 +75,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::Agent {
+            server,
+            local,
+            name,
+            token,
+        } => {
+            let mut config = Config::default();
+            config
+                .tunnel_agent
+                .push(TunnelAgentConfig::new(server, local, name, token));
+            if let Err(e) = config.validate() {
+                error!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            info!("switchboard {} agent starting", env!("CARGO_PKG_VERSION"));
+            serve(config)
+        }
     }
 }
 
@@ -84,6 +118,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             env!("CARGO_PKG_VERSION")
         ),
     }
+    serve(config)
+}
+
+/// Start every role of `config` and run until stopped.
+fn serve(config: Config) -> ExitCode {
     let mut engine = match Engine::from_config(&config) {
         Ok(e) => e,
         Err(e) => {

@@ -457,7 +457,10 @@ mod tests {
             TunnelDecoder::new(10).decode(&head),
             Err(FrameError::TooLong { len: 11, max: 10 })
         );
-        assert_eq!(TunnelDecoder::new(10).decode(&head[..1]), Ok(Decoded::NeedMore));
+        assert_eq!(
+            TunnelDecoder::new(10).decode(&head[..1]),
+            Ok(Decoded::NeedMore)
+        );
     }
 
     #[test]

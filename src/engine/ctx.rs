@@ -164,6 +164,26 @@ impl Ctx<'_> {
         core.after_push(key.index as usize, r, was_empty)
     }
 
+    /// Queue a copy of `parts`, back to back, all or nothing (a frame header
+    /// and its payload, say): either every part is queued or none is.
+    ///
+    /// # Errors
+    /// As for [`Ctx::send`], for the parts' total length.
+    pub fn send_parts(&mut self, key: ConnKey, parts: &[&[u8]]) -> Result<(), SendError> {
+        let core = &mut *self.core;
+        let conn = sendable(&mut core.conns, key)?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let was_empty = conn.tx.is_empty();
+        let r = if total > conn.tx.limit() - conn.tx.len() {
+            Err(QueueFull)
+        } else {
+            parts
+                .iter()
+                .try_for_each(|p| conn.tx.push_copy(p, &mut core.pool))
+        };
+        core.after_push(key.index as usize, r, was_empty)
+    }
+
     /// Queue a shared buffer for `key`: a refcount, not a copy. Use this to send
     /// one record to many connections.
     ///

@@ -8,10 +8,12 @@
 pub mod broadcast;
 pub mod echo;
 pub mod router;
+pub mod tunnel;
 
 pub use broadcast::Broadcast;
 pub use echo::Echo;
 pub use router::Router;
+pub use tunnel::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,570 @@
+//! The tunnel server: agents dial in and LISTEN; each service's public port
+//! is open while an agent is linked to it, and its clients become streams.
+//!
+//! Invariant: a service has at most one link; a link serves at most one
+//! service; the public listener belongs to the service and is closed when
+//! its link goes down (a takeover hands it to the new link without closing).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use log::{debug, error, info, warn};
+
+use super::auth::{self, Rng, Transcript};
+use super::{Mux, Settings, TunnelStats, bump, heartbeat, send_frame, token};
+use crate::codec::tunnel::{
+    self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
+};
+use crate::codec::{Frame, Framing};
+use crate::config::TunnelServerConfig;
+use crate::engine::{
+    CloseReason, ConnKey, Ctx, EngineError, Keepalive, ListenOptions, ListenerId, TimerKey,
+};
+use crate::role::Role;
+
+/// Where a link is in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for LISTEN.
+    Listen,
+    /// HELLO sent with AUTH: waiting for the agent's tag.
+    Auth,
+    /// Streams flow.
+    Up,
+}
+
+/// What the server keeps per link besides the streams.
+struct ServerLink {
+    phase: Phase,
+    peer: SocketAddr,
+    service: Option<usize>,
+    agent_nonce: [u8; NONCE_LEN],
+    server_nonce: [u8; NONCE_LEN],
+    /// Granted flags and the agent's window, until the link is up.
+    flags: u16,
+    peer_window: u32,
+    handshake: Option<TimerKey>,
+}
+
+struct Service {
+    name: String,
+    public: SocketAddr,
+    token: Option<Vec<u8>>,
+    listener: Option<ListenerId>,
+    link: Option<usize>,
+}
+
+/// The `tunnel_server` role.
+pub struct TunnelServer {
+    config: TunnelServerConfig,
+    mux: Mux<ServerLink>,
+    services: Vec<Service>,
+    link_listener: Option<ListenerId>,
+    links_by_conn: HashMap<ConnKey, usize>,
+    by_listener: HashMap<ListenerId, usize>,
+    pending: usize,
+    rng: Rng,
+}
+
+impl TunnelServer {
+    /// A server for `config` (nothing is opened before [`Role::start`]).
+    pub fn new(config: &TunnelServerConfig) -> TunnelServer {
+        let stats = Arc::new(TunnelStats::default());
+        let services: Vec<Service> = config
+            .service
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                public: s.public,
+                token: s.token.as_ref().map(|t| t.as_bytes().to_vec()),
+                listener: None,
+                link: None,
+            })
+            .collect();
+        if let Ok(mut st) = stats.status.lock() {
+            st.services = services
+                .iter()
+                .map(|s| (s.name.clone(), None, None))
+                .collect();
+        }
+        TunnelServer {
+            mux: Mux::new(
+                Settings {
+                    window: config.window,
+                    max_data: config.max_data,
+                    max_streams: config.max_streams,
+                    stall_timeout: config.stall_timeout,
+                    quarantine: Some(config.id_quarantine),
+                },
+                stats,
+            ),
+            services,
+            link_listener: None,
+            links_by_conn: HashMap::new(),
+            by_listener: HashMap::new(),
+            pending: 0,
+            rng: Rng::from_os(),
+            config: config.clone(),
+        }
+    }
+
+    /// Counters and per-service state, readable from any thread.
+    pub fn stats(&self) -> Arc<TunnelStats> {
+        Arc::clone(&self.mux.stats)
+    }
+
+    fn publish_status(&self, si: usize, agent: Option<SocketAddr>, public: Option<SocketAddr>) {
+        if let Ok(mut st) = self.mux.stats.status.lock()
+            && let Some(entry) = st.services.get_mut(si)
+        {
+            entry.1 = public;
+            entry.2 = agent;
+        }
+    }
+
+    /// REJECT (extended agents) and close the link after it is written.
+    fn refuse(&mut self, ctx: &mut Ctx<'_>, li: usize, code: Option<u8>, why: &str) {
+        let Some(link) = self.mux.links.get(li) else {
+            return;
+        };
+        warn!(
+            "{}: agent {} refused: {why}",
+            self.config.name, link.extra.peer
+        );
+        bump(&self.mux.stats.rejected_total);
+        let conn = link.conn;
+        if let Some(code) = code {
+            let mut payload = [0u8; 1 + 96];
+            payload[0] = code;
+            let text = why.as_bytes();
+            let n = text.len().min(96);
+            payload[1..1 + n].copy_from_slice(&text[..n]);
+            send_frame(ctx, conn, Command::Reject, 0, &payload[..1 + n]);
+        }
+        ctx.close(conn);
+    }
+
+    /// An empty LISTEN (or an empty name): the first service without a
+    /// token that has no link, else the first service without a token.
+    fn tokenless_service(&self) -> Option<usize> {
+        let free = self
+            .services
+            .iter()
+            .position(|s| s.token.is_none() && s.link.is_none());
+        free.or_else(|| self.services.iter().position(|s| s.token.is_none()))
+    }
+
+    fn on_listen(&mut self, ctx: &mut Ctx<'_>, li: usize, payload: &[u8]) {
+        if payload.is_empty() {
+            match self.tokenless_service() {
+                Some(si) => self.activate(ctx, li, si, 0, 0),
+                None => self.refuse(
+                    ctx,
+                    li,
+                    None,
+                    "empty LISTEN, and every service needs a token",
+                ),
+            }
+            return;
+        }
+        let Some(req) = ListenRequest::parse(payload) else {
+            self.refuse(ctx, li, Some(reject::MALFORMED), "malformed LISTEN request");
+            return;
+        };
+        let si = if req.name.is_empty() {
+            self.tokenless_service()
+        } else {
+            self.services
+                .iter()
+                .position(|s| s.name.as_bytes() == req.name)
+        };
+        let Some(si) = si else {
+            let why = format!(
+                "no service '{}'",
+                String::from_utf8_lossy(req.name).escape_debug()
+            );
+            self.refuse(ctx, li, Some(reject::UNKNOWN_SERVICE), &why);
+            return;
+        };
+        let needs_auth = self.services[si].token.is_some();
+        if needs_auth && req.flags & ext::AUTH == 0 {
+            let why = format!(
+                "service '{}' needs a token and AUTH was not asked for",
+                self.services[si].name
+            );
+            self.refuse(ctx, li, Some(reject::AUTH_REQUIRED), &why);
+            return;
+        }
+        let mut flags = req.flags & ext::ALL & !ext::AUTH;
+        if flags & ext::CLOSE_ACK == 0 {
+            flags &= !ext::HALF_CLOSE;
+        }
+        if needs_auth {
+            flags |= ext::AUTH;
+        }
+        let server_nonce = self.rng.nonce();
+        let hello = Hello {
+            flags,
+            window: self.config.window,
+            nonce: server_nonce,
+        };
+        let Some(link) = self.mux.links.get_mut(li) else {
+            return;
+        };
+        link.extra.agent_nonce = req.nonce;
+        link.extra.server_nonce = server_nonce;
+        link.extra.flags = flags;
+        link.extra.peer_window = req.window;
+        link.extra.service = Some(si);
+        let conn = link.conn;
+        if !send_frame(ctx, conn, Command::Hello, 0, &hello.encode()) {
+            return;
+        }
+        if needs_auth {
+            link.extra.phase = Phase::Auth;
+        } else if send_frame(ctx, conn, Command::Ready, 0, &[]) {
+            self.activate(ctx, li, si, flags, req.window);
+        }
+    }
+
+    fn on_auth(&mut self, ctx: &mut Ctx<'_>, li: usize, tag: &[u8]) {
+        let Some(link) = self.mux.links.get(li) else {
+            return;
+        };
+        let Some(si) = link.extra.service else { return };
+        let svc = &self.services[si];
+        let Some(token) = svc.token.as_deref() else {
+            return;
+        };
+        let t = Transcript {
+            agent_nonce: &link.extra.agent_nonce,
+            server_nonce: &link.extra.server_nonce,
+            flags: link.extra.flags,
+            name: svc.name.as_bytes(),
+        };
+        if !auth::verify_agent(token, &t, tag) {
+            bump(&self.mux.stats.auth_failed_total);
+            let why = format!("authentication failed for service '{}'", svc.name);
+            self.refuse(ctx, li, Some(reject::AUTH_FAILED), &why);
+            return;
+        }
+        let proof = auth::server_tag(token, &t);
+        let (conn, flags, window) = (link.conn, link.extra.flags, link.extra.peer_window);
+        if send_frame(ctx, conn, Command::Ready, 0, &proof) {
+            self.activate(ctx, li, si, flags, window);
+        }
+    }
+
+    /// The handshake is done: take over the service, open its public port.
+    fn activate(&mut self, ctx: &mut Ctx<'_>, li: usize, si: usize, flags: u16, peer_window: u32) {
+        let Some(link) = self.mux.links.get_mut(li) else {
+            return;
+        };
+        if let Some(t) = link.extra.handshake.take() {
+            ctx.cancel_timer(t);
+        }
+        link.extra.phase = Phase::Up;
+        link.extra.service = Some(si);
+        let (conn, peer) = (link.conn, link.extra.peer);
+        self.pending = self.pending.saturating_sub(1);
+        if let Some(old) = self.services[si].link.take()
+            && let Some(old_link) = self.mux.remove_link(ctx, old)
+        {
+            info!(
+                "{}: service '{}' taken over by {peer}; closing the link from {}",
+                self.config.name, self.services[si].name, old_link.extra.peer
+            );
+            self.links_by_conn.remove(&old_link.conn);
+            ctx.close(old_link.conn);
+        }
+        if self.services[si].listener.is_none() {
+            let opts = ListenOptions {
+                framing: Framing::Chunk {
+                    max: self.config.max_data,
+                },
+                queue_bytes: Some(self.mux.settings.stream_queue()),
+                nodelay: true,
+            };
+            match ctx.listen(self.services[si].public, opts) {
+                Ok(id) => {
+                    self.services[si].listener = Some(id);
+                    self.by_listener.insert(id, si);
+                }
+                Err(e) => {
+                    error!(
+                        "{}: service '{}': {e}",
+                        self.config.name, self.services[si].name
+                    );
+                    let code = (flags != 0).then_some(reject::LISTEN_FAILED);
+                    self.refuse(ctx, li, code, "the public port could not be opened");
+                    return;
+                }
+            }
+        }
+        self.services[si].link = Some(li);
+        let now = ctx.now();
+        self.mux.link_up(li, flags, peer_window, now);
+        if flags & ext::HEARTBEAT != 0 {
+            ctx.set_idle_timeout(conn, Some(self.config.heartbeat_timeout));
+            if let Some(link) = self.mux.links.get_mut(li) {
+                heartbeat(ctx, link, li, self.config.heartbeat_interval);
+            }
+        }
+        let public = self.services[si]
+            .listener
+            .and_then(|l| ctx.listener_addr(l));
+        self.publish_status(si, Some(peer), public);
+        let mode = if flags == 0 {
+            "base protocol"
+        } else {
+            "extended"
+        };
+        info!(
+            "{}: service '{}' linked to agent {peer} ({mode}, flags {flags:#06x}); clients on {}",
+            self.config.name,
+            self.services[si].name,
+            public.map_or_else(|| "?".to_owned(), |a| a.to_string())
+        );
+    }
+
+    fn on_public_accept(&mut self, ctx: &mut Ctx<'_>, si: usize, conn: ConnKey, peer: SocketAddr) {
+        let now = ctx.now();
+        let Some(li) = self.services[si].link else {
+            ctx.abort(conn);
+            return;
+        };
+        let Some(id) = self.mux.alloc_id(li, now) else {
+            bump(&self.mux.stats.refused_total);
+            warn!(
+                "{}: service '{}': client {peer} refused, all {} streams in use",
+                self.config.name,
+                self.services[si].name,
+                self.mux.link_streams(li)
+            );
+            ctx.close(conn);
+            return;
+        };
+        let Some(link) = self.mux.links.get(li) else {
+            return;
+        };
+        let link_conn = link.conn;
+        let (addr, n) = tunnel::encode_peer(peer);
+        let payload = if link.has(ext::PEER_ADDR) {
+            addr.get(..n).unwrap_or_default()
+        } else {
+            &[]
+        };
+        if !send_frame(ctx, link_conn, Command::Connect, id, payload) {
+            ctx.abort(conn);
+            return;
+        }
+        debug!("{conn}: client {peer} is stream {id} of {link_conn}");
+        self.mux.open_stream(ctx, li, id, conn);
+    }
+
+    /// A frame from a link (the handshake here; streams in the mux).
+    fn on_link_frame(&mut self, ctx: &mut Ctx<'_>, li: usize, raw: &[u8]) {
+        let Some(f) = TunnelFrame::parse(raw) else {
+            return;
+        };
+        let Some(link) = self.mux.links.get(li) else {
+            return;
+        };
+        match (link.extra.phase, f.command) {
+            (Phase::Listen, Command::Listen) => self.on_listen(ctx, li, f.payload),
+            (Phase::Auth, Command::Auth) => self.on_auth(ctx, li, f.payload),
+            (Phase::Up, Command::Listen) => {
+                bump(&self.mux.stats.malformed_total);
+                debug!("{}: second LISTEN ignored", link.conn);
+            }
+            (Phase::Up, _) => self.mux.on_link_frame(ctx, li, f),
+            (_, Command::Unknown(_)) => bump(&self.mux.stats.unknown_total),
+            (_, c) => {
+                bump(&self.mux.stats.malformed_total);
+                debug!("{}: {c:?} before the handshake is done; ignored", link.conn);
+            }
+        }
+    }
+
+    fn link_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        let Some(li) = self.links_by_conn.remove(&conn) else {
+            return;
+        };
+        let Some(link) = self.mux.remove_link(ctx, li) else {
+            return;
+        };
+        if let Some(t) = link.extra.handshake {
+            ctx.cancel_timer(t);
+        }
+        if link.extra.phase != Phase::Up {
+            self.pending = self.pending.saturating_sub(1);
+            debug!(
+                "{conn}: agent {} left during the handshake ({reason})",
+                link.extra.peer
+            );
+            return;
+        }
+        let Some(si) = link.extra.service else { return };
+        if self.services[si].link != Some(li) {
+            return;
+        }
+        self.services[si].link = None;
+        if let Some(l) = self.services[si].listener.take() {
+            self.by_listener.remove(&l);
+            ctx.close_listener(l);
+        }
+        self.publish_status(si, None, None);
+        info!(
+            "{}: service '{}': link from {} down ({reason}); public port closed",
+            self.config.name, self.services[si].name, link.extra.peer
+        );
+    }
+}
+
+impl Role for TunnelServer {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
+        let opts = ListenOptions {
+            framing: Framing::Tunnel {
+                max: self.config.max_frame,
+            },
+            queue_bytes: None,
+            nodelay: true,
+        };
+        self.link_listener = Some(ctx.listen(self.config.listen, opts)?);
+        info!(
+            "{}: agents on {} ({} services)",
+            self.config.name,
+            self.config.listen,
+            self.services.len()
+        );
+        Ok(())
+    }
+
+    fn on_accept(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        listener: ListenerId,
+        conn: ConnKey,
+        peer: SocketAddr,
+    ) {
+        if Some(listener) != self.link_listener {
+            match self.by_listener.get(&listener) {
+                Some(&si) => self.on_public_accept(ctx, si, conn, peer),
+                None => ctx.abort(conn),
+            }
+            return;
+        }
+        if self.pending >= self.config.max_pending {
+            warn!(
+                "{}: agent {peer} refused: {} links already in their handshake",
+                self.config.name, self.pending
+            );
+            bump(&self.mux.stats.rejected_total);
+            ctx.abort(conn);
+            return;
+        }
+        self.pending += 1;
+        let keepalive = Keepalive {
+            idle: std::time::Duration::from_secs(15),
+            interval: std::time::Duration::from_secs(5),
+            user_timeout: Some(self.config.heartbeat_timeout),
+        };
+        if let Err(e) = ctx.set_keepalive(conn, keepalive) {
+            debug!("{conn}: keepalive: {e}");
+        }
+        let now = ctx.now();
+        let li = self.mux.add_link(
+            conn,
+            now,
+            ServerLink {
+                phase: Phase::Listen,
+                peer,
+                service: None,
+                agent_nonce: [0; NONCE_LEN],
+                server_nonce: [0; NONCE_LEN],
+                flags: 0,
+                peer_window: 0,
+                handshake: None,
+            },
+        );
+        let t = ctx.set_timer(
+            now + self.config.handshake_timeout,
+            token::HANDSHAKE | li as u64,
+        );
+        if let Some(link) = self.mux.links.get_mut(li) {
+            link.extra.handshake = Some(t);
+        }
+        self.links_by_conn.insert(conn, li);
+        debug!("{conn}: agent {peer} connected");
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
+        if let Some(&li) = self.links_by_conn.get(&conn) {
+            self.on_link_frame(ctx, li, frame.raw);
+        } else {
+            self.mux.on_stream_data(ctx, conn, frame.payload);
+        }
+    }
+
+    fn on_read_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        if self.links_by_conn.contains_key(&conn) {
+            ctx.close(conn);
+        } else {
+            self.mux.on_stream_eof(ctx, conn);
+        }
+    }
+
+    fn on_writable(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        match self.links_by_conn.get(&conn) {
+            Some(&li) => self.mux.on_link_writable(ctx, li),
+            None => self.mux.on_stream_writable(ctx, conn),
+        }
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        if self.links_by_conn.contains_key(&conn) {
+            self.link_closed(ctx, conn, reason);
+            return;
+        }
+        if reason == CloseReason::Stalled {
+            bump(&self.mux.stats.stalled_total);
+        }
+        if let Some((_, id)) = self.mux.on_stream_closed(ctx, conn) {
+            debug!("{conn}: client of stream {id} gone ({reason})");
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _timer: TimerKey, tok: u64) {
+        let (kind, li) = token::split(tok);
+        let Some(link) = self.mux.links.get_mut(li) else {
+            return;
+        };
+        match kind {
+            token::HANDSHAKE => {
+                link.extra.handshake = None;
+                if link.extra.phase != Phase::Up {
+                    warn!(
+                        "{}: agent {} did not finish its handshake in {:?}; closing",
+                        self.config.name, link.extra.peer, self.config.handshake_timeout
+                    );
+                    ctx.close(link.conn);
+                }
+            }
+            token::HEARTBEAT => heartbeat(ctx, link, li, self.config.heartbeat_interval),
+            _ => {}
+        }
+    }
+
+    fn on_shutdown(&mut self, ctx: &mut Ctx<'_>) {
+        for s in &mut self.services {
+            if let Some(l) = s.listener.take() {
+                ctx.close_listener(l);
+            }
+        }
+    }
+}
