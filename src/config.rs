@@ -1570,6 +1570,55 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_config_defaults_and_errors() {
+        let ok = "[[tunnel_server]]\nlisten = \"127.0.0.1:9000\"\n[[tunnel_server.service]]\nname = \"d\"\npublic = \"127.0.0.1:2323\"\n[[tunnel_agent]]\nserver = \"gw.example:9000\"\nlocal = \"127.0.0.1:23\"\n";
+        let c = Config::parse(ok).unwrap();
+        assert_eq!(c.tunnel_server[0].window, DEFAULT_TUNNEL_WINDOW);
+        assert_eq!(c.tunnel_server[0].max_streams, 256);
+        assert!(c.tunnel_agent[0].extensions);
+        let cases = [
+            ("max_streams = 257", "tunnel_server[0].max_streams"),
+            ("max_data = 0", "tunnel_server[0].max_data"),
+            ("window = 100", "tunnel_server[0].window"),
+            (
+                "heartbeat_timeout = \"5s\"",
+                "tunnel_server[0].heartbeat_timeout",
+            ),
+        ];
+        for (line, key) in cases {
+            let text = ok.replacen(
+                "listen = \"127.0.0.1:9000\"\n",
+                &format!("listen = \"127.0.0.1:9000\"\n{line}\n"),
+                1,
+            );
+            assert_eq!(Config::parse(&text).unwrap_err().key, key, "{line}");
+        }
+        let dup = ok.replace("public = \"127.0.0.1:2323\"", "public = \"127.0.0.1:9000\"");
+        assert_eq!(
+            Config::parse(&dup).unwrap_err().key,
+            "tunnel_server[0].service[0].public"
+        );
+        let bad_server = ok.replace("gw.example:9000", "gw.example");
+        assert_eq!(
+            Config::parse(&bad_server).unwrap_err().key,
+            "tunnel_agent[0].server"
+        );
+        let small = format!("[engine]\nbuffer_bytes = 65536\n{ok}");
+        assert_eq!(
+            Config::parse(&small).unwrap_err().key,
+            "tunnel_server[0].max_frame"
+        );
+        let base_token = ok.replace(
+            "local = \"127.0.0.1:23\"",
+            "local = \"127.0.0.1:23\"\nextensions = false\ntoken = \"t\"",
+        );
+        assert_eq!(
+            Config::parse(&base_token).unwrap_err().key,
+            "tunnel_agent[0].token"
+        );
+    }
+
+    #[test]
     fn raw_bytes_are_text_or_hex() {
         assert_eq!("c0001".parse::<RawBytes>(), Ok(RawBytes(b"c0001".to_vec())));
         assert_eq!(
