@@ -80,6 +80,37 @@ pub struct Config {
     /// `[[tunnel_agent]]` roles.
     #[serde(default)]
     pub tunnel_agent: Vec<TunnelAgentConfig>,
+    /// `[admin]`: the status and metrics endpoint (off unless configured).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: HTTP status, metrics and health endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where to serve it; keep it on loopback or a management network.
+    pub listen: SocketAddr,
+    /// A client that has not sent a whole request by then is closed; a
+    /// response that does not move for this long is dropped.
+    #[serde(default = "default_admin_timeout", deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+    /// Clients at once; more are closed.
+    #[serde(default = "default_admin_clients")]
+    pub max_clients: usize,
+    /// Largest response in bytes (a bigger report is answered with 503).
+    #[serde(default = "default_admin_response")]
+    pub max_response: usize,
+}
+
+fn default_admin_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_admin_clients() -> usize {
+    16
+}
+fn default_admin_response() -> usize {
+    16 * 1024 * 1024
 }
 
 /// `[engine]`: loop-wide limits.
@@ -1261,6 +1292,21 @@ impl Config {
         for (i, a) in self.tunnel_agent.iter().enumerate() {
             validate_tunnel_agent(i, a, e)?;
         }
+        if let Some(a) = &self.admin {
+            if a.request_timeout.is_zero() {
+                return err("admin.request_timeout", "must be longer than 0".to_owned());
+            }
+            if a.max_clients == 0 {
+                return err("admin.max_clients", "must be at least 1".to_owned());
+            }
+            if a.max_response < 4096 {
+                return err(
+                    "admin.max_response",
+                    format!("must be at least 4096, got {}", a.max_response),
+                );
+            }
+            check_unique(&mut seen, a.listen, "admin.listen".to_owned())?;
+        }
         if self
             .broadcast
             .iter()
@@ -1340,6 +1386,12 @@ impl Config {
                 } else {
                     "base protocol"
                 }
+            ));
+        }
+        if let Some(a) = &self.admin {
+            out.push_str(&format!(
+                "admin: http://{}/status, /metrics, /healthz\n",
+                a.listen
             ));
         }
         if self.echo.is_empty()

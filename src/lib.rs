@@ -114,9 +114,9 @@ pub use config::{Config, ConfigError};
 pub use engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, Dropped, Engine, EngineError, Handle, HandleError,
     Keepalive, ListenError, ListenOptions, ListenerId, ListenerInfo, Message, RoleId, SendError,
-    StatsSnapshot, TimerKey,
+    StatsSnapshot, TimerKey, View,
 };
-pub use role::{OnFrameError, Role};
+pub use role::{OnFrameError, Report, ReportKind, Role};
 
 // ===== impl Engine (configuration) =====
 
@@ -141,6 +141,9 @@ impl Engine {
         }
         for agent in &config.tunnel_agent {
             engine.add_role(Box::new(role::TunnelAgent::new(agent)));
+        }
+        if let Some(admin) = &config.admin {
+            engine.add_role(Box::new(role::Admin::new(admin)));
         }
         Ok(engine)
     }

@@ -31,6 +31,33 @@ pub struct Ctx<'a> {
     pub(crate) role: RoleId,
 }
 
+/// A read-only look at the engine for [`crate::Role::report`].
+pub struct View<'a> {
+    pub(crate) core: &'a Core,
+}
+
+impl View<'_> {
+    /// Bytes queued for `key` and not yet written (`None` for a stale key).
+    pub fn queued(&self, key: ConnKey) -> Option<usize> {
+        self.core.conn(key).map(|c| c.tx.len())
+    }
+
+    /// The peer address of `key`.
+    pub fn peer_addr(&self, key: ConnKey) -> Option<SocketAddr> {
+        self.core.conn(key).map(|c| c.peer)
+    }
+
+    /// The bound address of a listener.
+    pub fn listener_addr(&self, id: ListenerId) -> Option<SocketAddr> {
+        self.core.listeners.get(id.0).map(|l| l.local)
+    }
+
+    /// When `key` last read any bytes (or connected).
+    pub fn last_read(&self, key: ConnKey) -> Option<Instant> {
+        self.core.conn(key).map(|c| c.last_active)
+    }
+}
+
 /// Options for [`Ctx::listen`].
 #[derive(Debug, Clone, Copy)]
 pub struct ListenOptions {
@@ -570,6 +597,13 @@ impl Ctx<'_> {
     /// Connections held by the engine now.
     pub fn connection_count(&self) -> usize {
         self.core.conns.len()
+    }
+
+    /// Ask for a status or metrics report: once the current callback returns,
+    /// every role writes its part ([`crate::Role::report`]) and the calling
+    /// role gets the whole document in [`crate::Role::on_report`] with `conn`.
+    pub fn request_report(&mut self, conn: ConnKey, kind: crate::role::ReportKind) {
+        self.core.reports.push((self.role, conn, kind));
     }
 
     /// Stop the engine (as SIGTERM does).

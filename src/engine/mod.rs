@@ -15,7 +15,9 @@ mod handle;
 mod timer;
 mod token;
 
-pub use ctx::{ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError};
+pub use ctx::{
+    ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError, View,
+};
 pub use handle::{Handle, HandleError, Message, StatsSnapshot};
 pub use timer::TimerKey;
 pub use token::{ConnKey, ListenerId};
@@ -208,6 +210,10 @@ pub(crate) struct Core {
     accept_error_logged: bool,
     stop_requested: bool,
     shared: Arc<Shared>,
+    /// When the engine was created (uptime in reports).
+    pub(crate) born: Instant,
+    /// Reports asked for with `Ctx::request_report`, served after the callback.
+    reports: Vec<(RoleId, ConnKey, crate::role::ReportKind)>,
 }
 
 /// The event loop and the roles it serves.
@@ -258,6 +264,8 @@ impl Engine {
             stop_requested: false,
             shared,
             config,
+            born: Instant::now(),
+            reports: Vec::new(),
         };
         Ok(Engine {
             core,
@@ -821,6 +829,40 @@ impl Engine {
                     role,
                 },
             );
+        }
+        if !self.core.reports.is_empty() {
+            self.serve_reports();
+        }
+    }
+
+    /// Build the reports roles asked for (every role writes its part from a
+    /// read-only view) and hand each to the role that asked.
+    fn serve_reports(&mut self) {
+        let requests = std::mem::take(&mut self.core.reports);
+        for (requester, conn, kind) in requests {
+            let mut report = crate::role::Report::new(kind, self.core.now);
+            let uptime = self.core.now.saturating_duration_since(self.core.born);
+            report.begin(uptime, &self.core.shared.stats.snapshot());
+            let view = View { core: &self.core };
+            for role in &self.roles {
+                report.role_begin(role.kind(), role.name());
+                role.report(&view, &mut report);
+                report.role_end();
+            }
+            report.end();
+            let body = report.into_string();
+            // A report asked for while handing one over waits for the next call.
+            if let Some(r) = self.roles.get_mut(requester.0) {
+                r.on_report(
+                    &mut Ctx {
+                        core: &mut self.core,
+                        role: requester,
+                    },
+                    conn,
+                    kind,
+                    body,
+                );
+            }
         }
     }
 

@@ -23,9 +23,9 @@ use crate::codec::{Decoded, Decoder, Frame, FrameError};
 use crate::config::{BroadcastConfig, Ingest, RecordFraming, SlowPolicy};
 use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, Handle, HandleError, Keepalive, ListenOptions,
-    ListenerId, Message, RoleId, SendError, TimerKey,
+    ListenerId, Message, RoleId, SendError, TimerKey, View,
 };
-use crate::role::{OnFrameError, Role};
+use crate::role::{OnFrameError, Report, Role};
 
 /// Timer token for the stdin publisher's `flush_idle` check (connection
 /// timers use `ConnKey::to_u64`, whose index never reaches `u32::MAX`).
@@ -92,6 +92,10 @@ struct Subscriber {
     dropping: u64,
     /// Records dropped for it since it joined.
     dropped_total: u64,
+    /// Records queued for it since it joined (replay included).
+    delivered: u64,
+    /// When it joined.
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -236,6 +240,9 @@ impl Broadcast {
         match sent {
             Ok(()) => {
                 self.delivered += n as u64;
+                if let Some(sub) = self.subscribers.get_mut(i) {
+                    sub.delivered += n as u64;
+                }
                 true
             }
             // Gone already: `on_closed` will remove it.
@@ -271,6 +278,9 @@ impl Broadcast {
         match sent {
             Ok(()) => {
                 self.delivered += 1;
+                if let Some(sub) = self.subscribers.get_mut(i) {
+                    sub.delivered += 1;
+                }
                 return true;
             }
             Err(SendError::Closed) => return true,
@@ -292,6 +302,9 @@ impl Broadcast {
                 let mut lost = dropped.records as u64;
                 if room(ctx) && ctx.send_bytes(key, record).is_ok() {
                     self.delivered += 1;
+                    if let Some(sub) = self.subscribers.get_mut(i) {
+                        sub.delivered += 1;
+                    }
                 } else {
                     lost += 1;
                 }
@@ -345,6 +358,8 @@ impl Broadcast {
             peer,
             dropping: 0,
             dropped_total: 0,
+            delivered: 0,
+            since: ctx.now(),
         });
         self.stats
             .subscribers
@@ -574,6 +589,103 @@ fn read_stdin(handle: &Handle, role: RoleId) {
 impl Role for Broadcast {
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    fn kind(&self) -> &str {
+        "broadcast"
+    }
+
+    fn report(&self, view: &View<'_>, out: &mut Report) {
+        let st = &self.stats;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.addr(
+            "listen",
+            self.subscriber_listener.and_then(|l| view.listener_addr(l)),
+        );
+        out.addr(
+            "ingest",
+            self.ingest_listener.and_then(|l| view.listener_addr(l)),
+        );
+        out.num("records_in_total", load(&st.records_in));
+        out.num("replay_fill", self.replay.len() as u64);
+        out.num("replay_capacity", self.config.replay as u64);
+        out.open_array(Some("subscribers"));
+        for sub in &self.subscribers {
+            out.open_object(None);
+            out.addr("peer", Some(sub.peer));
+            out.age("connected_seconds", Some(sub.since));
+            out.num("queued_bytes", view.queued(sub.key).unwrap_or(0) as u64);
+            out.num("delivered", sub.delivered);
+            out.num("dropped", sub.dropped_total);
+            out.close_object();
+        }
+        out.close_array();
+        out.open_array(Some("publishers"));
+        for p in &self.publishers {
+            out.open_object(None);
+            out.addr("peer", Some(p.peer));
+            out.close_object();
+        }
+        out.close_array();
+        let queued: usize = self
+            .subscribers
+            .iter()
+            .map(|s| view.queued(s.key).unwrap_or(0))
+            .sum();
+        out.gauge(
+            "switchboard_broadcast_subscribers",
+            "Subscribers connected now.",
+            &[],
+            self.subscribers.len() as u64,
+        );
+        out.gauge(
+            "switchboard_broadcast_publishers",
+            "Publishers connected now.",
+            &[],
+            self.publishers.len() as u64,
+        );
+        out.gauge(
+            "switchboard_broadcast_queued_bytes",
+            "Bytes queued for subscribers now.",
+            &[],
+            queued as u64,
+        );
+        out.counter(
+            "switchboard_broadcast_records_total",
+            "Records published.",
+            &[],
+            load(&st.records_in),
+        );
+        out.counter(
+            "switchboard_broadcast_delivered_records_total",
+            "Record deliveries queued to subscribers.",
+            &[],
+            load(&st.deliveries),
+        );
+        out.counter(
+            "switchboard_broadcast_dropped_records_total",
+            "Records dropped for slow subscribers.",
+            &[],
+            load(&st.dropped_records),
+        );
+        out.counter(
+            "switchboard_broadcast_slow_disconnects_total",
+            "Subscribers disconnected as too slow.",
+            &[],
+            load(&st.slow_disconnects),
+        );
+        out.counter(
+            "switchboard_broadcast_refused_total",
+            "Connections refused (allow list, limits).",
+            &[],
+            load(&st.refused),
+        );
+        out.counter(
+            "switchboard_broadcast_oversized_records_total",
+            "Records over max_record.",
+            &[],
+            load(&st.oversized),
+        );
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

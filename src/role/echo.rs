@@ -13,8 +13,8 @@ use log::{error, info};
 
 use crate::codec::{Frame, Framing};
 use crate::config::EchoConfig;
-use crate::engine::{ConnKey, Ctx, EngineError, ListenOptions, ListenerId, SendError};
-use crate::role::Role;
+use crate::engine::{ConnKey, Ctx, EngineError, ListenOptions, ListenerId, SendError, View};
+use crate::role::{Report, Role};
 
 /// Sends back what it receives. Also the template for new roles.
 #[derive(Debug)]
@@ -49,6 +49,14 @@ impl Echo {
 impl Role for Echo {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn kind(&self) -> &str {
+        "echo"
+    }
+
+    fn report(&self, view: &View<'_>, out: &mut Report) {
+        out.addr("listen", self.listener.and_then(|l| view.listener_addr(l)));
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

@@ -5,20 +5,24 @@
 //! Callbacks run on the loop thread and must not block: anything slow is a
 //! timer or a message from another thread ([`crate::Handle::send`]).
 
+pub mod admin;
 pub mod broadcast;
 pub mod echo;
+pub mod report;
 pub mod router;
 pub mod tunnel;
 
+pub use admin::Admin;
 pub use broadcast::Broadcast;
 pub use echo::Echo;
+pub use report::{Report, ReportKind};
 pub use router::Router;
 pub use tunnel::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
 
 use std::net::SocketAddr;
 
 use crate::codec::{Frame, FrameError};
-use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey};
+use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey, View};
 
 /// What to do after a framing error ([`Role::on_frame_error`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +124,22 @@ pub trait Role: Send {
     /// A message from another thread ([`crate::Handle::send`]).
     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
         let _ = (ctx, msg);
+    }
+
+    /// The role's kind for reports (`"echo"`, `"router"`, ...).
+    fn kind(&self) -> &str {
+        "custom"
+    }
+
+    /// Write this role's part of a status or metrics report: the role's
+    /// JSON object is open, and metric samples get its kind and name as labels.
+    fn report(&self, view: &View<'_>, out: &mut Report) {
+        let _ = (view, out);
+    }
+
+    /// A report asked for with [`Ctx::request_report`] is ready.
+    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: String) {
+        let _ = (ctx, conn, kind, body);
     }
 
     /// The engine is stopping: listeners are already closed and every

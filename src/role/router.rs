@@ -24,9 +24,9 @@ use crate::codec::Frame;
 use crate::config::{Duplicate, Identity, Offline, RouterConfig};
 use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, SendError,
-    TimerKey,
+    TimerKey, View,
 };
-use crate::role::Role;
+use crate::role::{Report, Role};
 
 /// Timer kinds, in the top bits of a timer token (connection indices stay
 /// below 2^24, so a `ConnKey::to_u64` never reaches bit 56).
@@ -158,6 +158,11 @@ struct Connpt {
     device_paused: bool,
     /// Bytes that came with the id, waiting for every target to have room.
     held: Vec<u8>,
+    /// When the device last came online or went offline (None: never seen).
+    since: Option<Instant>,
+    /// Bytes from the device to its applications / upstream, and back.
+    bytes_up: u64,
+    bytes_down: u64,
 }
 
 /// Identifies devices and bridges them to their connpts. See the module docs.
@@ -236,6 +241,9 @@ impl Router {
                 keepalive: None,
                 device_paused: false,
                 held: Vec::new(),
+                since: None,
+                bytes_up: 0,
+                bytes_down: 0,
             });
         }
         let connpts = &r.connpts;
@@ -450,6 +458,7 @@ impl Router {
         }
         c.device = Some((key, peer));
         c.device_paused = false;
+        c.since = Some(ctx.now());
         // Senders held back by a slow previous device may talk again.
         for s in c.upstream.iter().chain(c.apps.iter()) {
             ctx.resume_reading(*s);
@@ -540,6 +549,7 @@ impl Router {
             return;
         }
         let mut delivered = false;
+        let len = data.len() as u64;
         let targets = c.upstream.into_iter().chain(c.apps.iter().copied());
         for t in targets {
             match ctx.send(t, data) {
@@ -562,6 +572,8 @@ impl Router {
             self.stats
                 .unrouted_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
+        } else if let Some(c) = self.connpts.get_mut(i as usize) {
+            c.bytes_up += len;
         }
         self.hold_device_if_needed(ctx, i, device);
     }
@@ -596,7 +608,7 @@ impl Router {
 
     /// Bytes from an application or the upstream of connpt `i`, for the device.
     fn app_data(&mut self, ctx: &mut Ctx<'_>, i: u32, data: &[u8]) {
-        let Some(c) = self.connpts.get(i as usize) else {
+        let Some(c) = self.connpts.get_mut(i as usize) else {
             return;
         };
         let Some((device, _)) = c.device else {
@@ -605,7 +617,11 @@ impl Router {
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             return;
         };
-        if ctx.send(device, data) == Err(SendError::Full) {
+        let sent = ctx.send(device, data);
+        if sent.is_ok() {
+            c.bytes_down += data.len() as u64;
+        }
+        if sent == Err(SendError::Full) {
             warn!(
                 "{}: {}: device queue overflowed (bug)",
                 self.config.name, c.name
@@ -634,6 +650,7 @@ impl Router {
             return;
         };
         let peer = c.device.take().map(|(_, p)| p);
+        c.since = Some(ctx.now());
         if !c.held.is_empty() {
             self.stats
                 .unrouted_bytes
@@ -693,6 +710,113 @@ fn is_repetition(data: &[u8], pattern: &[u8]) -> bool {
 impl Role for Router {
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    fn kind(&self) -> &str {
+        "router"
+    }
+
+    fn report(&self, view: &View<'_>, out: &mut Report) {
+        let st = &self.stats;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.addr(
+            "listen",
+            self.device_listener.and_then(|l| view.listener_addr(l)),
+        );
+        out.num("online", load(&st.online));
+        out.num("pending", self.pending as u64);
+        out.open_array(Some("connpts"));
+        let (mut up, mut down) = (0, 0);
+        for c in &self.connpts {
+            up += c.bytes_up;
+            down += c.bytes_down;
+            out.open_object(None);
+            out.str("name", &c.name);
+            out.str("id", &preview(c.id.as_slice()));
+            out.bool("online", c.device.is_some());
+            out.age("since_seconds", c.since);
+            out.addr("peer", c.device.map(|(_, p)| p));
+            out.num("bytes_from_device", c.bytes_up);
+            out.num("bytes_to_device", c.bytes_down);
+            out.num("applications", c.apps.len() as u64);
+            out.bool("upstream", c.upstream.is_some());
+            out.close_object();
+        }
+        out.close_array();
+        out.open_array(Some("recent_unknown"));
+        for (id, peer) in st.recent_unknown() {
+            out.open_object(None);
+            out.str("id", &id);
+            out.addr("peer", Some(peer));
+            out.close_object();
+        }
+        out.close_array();
+        out.gauge(
+            "switchboard_router_online_devices",
+            "Devices identified and online now.",
+            &[],
+            load(&st.online),
+        );
+        out.gauge(
+            "switchboard_router_pending_connections",
+            "Connections not identified yet.",
+            &[],
+            self.pending as u64,
+        );
+        out.gauge(
+            "switchboard_router_connpts",
+            "Connection points configured.",
+            &[],
+            self.connpts.len() as u64,
+        );
+        out.counter(
+            "switchboard_router_identified_total",
+            "Identifications.",
+            &[],
+            load(&st.identified_total),
+        );
+        out.counter(
+            "switchboard_router_unknown_total",
+            "Connections closed for an unknown id.",
+            &[],
+            load(&st.unknown_total),
+        );
+        out.counter(
+            "switchboard_router_id_timeouts_total",
+            "Connections closed for not identifying in time.",
+            &[],
+            load(&st.id_timeouts),
+        );
+        out.counter(
+            "switchboard_router_replaced_total",
+            "Devices replaced by a newer connection.",
+            &[],
+            load(&st.replaced),
+        );
+        out.counter(
+            "switchboard_router_refused_total",
+            "Connections refused by a limit.",
+            &[],
+            load(&st.refused),
+        );
+        out.counter(
+            "switchboard_router_device_bytes_total",
+            "Bytes from devices forwarded.",
+            &[],
+            up,
+        );
+        out.counter(
+            "switchboard_router_application_bytes_total",
+            "Bytes from applications forwarded to devices.",
+            &[],
+            down,
+        );
+        out.counter(
+            "switchboard_router_dropped_bytes_total",
+            "Bytes discarded (device offline or nothing attached).",
+            &[],
+            load(&st.unrouted_bytes) + load(&st.offline_discarded_bytes),
+        );
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

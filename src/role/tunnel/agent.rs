@@ -20,9 +20,9 @@ use crate::codec::tunnel::{
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelAgentConfig;
 use crate::engine::{
-    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, Keepalive, Message, TimerKey,
+    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, Keepalive, Message, TimerKey, View,
 };
-use crate::role::Role;
+use crate::role::{Report, Role};
 
 /// Where the agent's link is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,6 +526,44 @@ impl TunnelAgent {
 impl Role for TunnelAgent {
     fn name(&self) -> &str {
         self.label()
+    }
+
+    fn kind(&self) -> &str {
+        "tunnel_agent"
+    }
+
+    fn report(&self, _view: &View<'_>, out: &mut Report) {
+        let link = self.link.and_then(|li| self.mux.links.get(li));
+        out.str("server", &self.config.server);
+        out.addr("local", Some(self.config.local));
+        out.str("state", &self.state.to_string());
+        out.age(
+            "linked_seconds",
+            self.up_since.filter(|_| self.state == AgentState::Up),
+        );
+        out.num("extensions", link.map_or(0, |l| u64::from(l.flags)));
+        out.num("streams", link.map_or(0, |l| l.open_streams() as u64));
+        let st = &self.mux.stats;
+        out.num(
+            "reconnects_total",
+            st.reconnects_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let last = st.agent().map(|a| a.1).unwrap_or_default();
+        out.str("last_error", &last);
+        out.gauge(
+            "switchboard_tunnel_link_up",
+            "1 while the agent is linked.",
+            &[],
+            u64::from(self.state == AgentState::Up),
+        );
+        out.gauge(
+            "switchboard_tunnel_streams",
+            "Streams open now.",
+            &[],
+            link.map_or(0, |l| l.open_streams() as u64),
+        );
+        st.report(out);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

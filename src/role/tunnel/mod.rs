@@ -103,6 +103,79 @@ impl TunnelStats {
             .and_then(|(_, _, a)| *a)
     }
 
+    /// Counters and totals as metric samples and status fields.
+    pub(crate) fn report(&self, out: &mut crate::role::Report) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.num("streams_total", load(&self.streams_total));
+        out.num("refused_total", load(&self.refused_total));
+        out.num("rejected_total", load(&self.rejected_total));
+        out.num("auth_failed_total", load(&self.auth_failed_total));
+        out.num("unknown_frames_total", load(&self.unknown_total));
+        out.num("malformed_frames_total", load(&self.malformed_total));
+        out.num("bytes_from_link_total", load(&self.bytes_from_link_total));
+        out.num("bytes_to_link_total", load(&self.bytes_to_link_total));
+        let counters: [(&'static str, &str, &AtomicU64); 11] = [
+            (
+                "switchboard_tunnel_streams_opened_total",
+                "Streams opened.",
+                &self.streams_total,
+            ),
+            (
+                "switchboard_tunnel_refused_streams_total",
+                "Streams refused (ids exhausted, target not allowed).",
+                &self.refused_total,
+            ),
+            (
+                "switchboard_tunnel_links_total",
+                "Links that completed their handshake.",
+                &self.links_total,
+            ),
+            (
+                "switchboard_tunnel_rejected_links_total",
+                "Handshakes refused.",
+                &self.rejected_total,
+            ),
+            (
+                "switchboard_tunnel_auth_failures_total",
+                "Authentication failures.",
+                &self.auth_failed_total,
+            ),
+            (
+                "switchboard_tunnel_unknown_frames_total",
+                "Frames with an unknown command (ignored).",
+                &self.unknown_total,
+            ),
+            (
+                "switchboard_tunnel_malformed_frames_total",
+                "Malformed or out-of-place frames (ignored).",
+                &self.malformed_total,
+            ),
+            (
+                "switchboard_tunnel_stale_frames_total",
+                "Frames for ids without a stream (dropped).",
+                &self.stale_total,
+            ),
+            (
+                "switchboard_tunnel_reconnects_total",
+                "Agent links lost and redialled.",
+                &self.reconnects_total,
+            ),
+            (
+                "switchboard_tunnel_received_bytes_total",
+                "Stream bytes received from the link.",
+                &self.bytes_from_link_total,
+            ),
+            (
+                "switchboard_tunnel_sent_bytes_total",
+                "Stream bytes sent on the link.",
+                &self.bytes_to_link_total,
+            ),
+        ];
+        for (name, help, c) in counters {
+            out.counter(name, help, &[], load(c));
+        }
+    }
+
     /// Agent: its state, the last error, and the extension bits in force.
     pub fn agent(&self) -> Option<(AgentState, String, u16)> {
         self.status.lock().ok()?.agent.clone()

@@ -19,9 +19,9 @@ use crate::codec::tunnel::{
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelServerConfig;
 use crate::engine::{
-    CloseReason, ConnKey, Ctx, EngineError, Keepalive, ListenOptions, ListenerId, TimerKey,
+    CloseReason, ConnKey, Ctx, EngineError, Keepalive, ListenOptions, ListenerId, TimerKey, View,
 };
-use crate::role::Role;
+use crate::role::{Report, Role};
 
 /// Where a link is in its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,6 +425,47 @@ impl TunnelServer {
 impl Role for TunnelServer {
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    fn kind(&self) -> &str {
+        "tunnel_server"
+    }
+
+    fn report(&self, view: &View<'_>, out: &mut Report) {
+        out.addr(
+            "listen",
+            self.link_listener.and_then(|l| view.listener_addr(l)),
+        );
+        out.num("pending_links", self.pending as u64);
+        out.open_array(Some("services"));
+        for s in &self.services {
+            let link = s.link.and_then(|li| self.mux.links.get(li));
+            out.open_object(None);
+            out.str("name", &s.name);
+            out.bool("token", s.token.is_some());
+            out.str("link", if link.is_some() { "up" } else { "down" });
+            out.addr("public", s.listener.and_then(|l| view.listener_addr(l)));
+            out.addr("agent", link.map(|l| l.extra.peer));
+            out.age("linked_seconds", link.map(|l| l.since));
+            out.num("extensions", link.map_or(0, |l| u64::from(l.flags)));
+            out.num("streams", link.map_or(0, |l| l.open_streams() as u64));
+            out.close_object();
+            let state = if link.is_some() { 1 } else { 0 };
+            out.gauge(
+                "switchboard_tunnel_link_up",
+                "1 while an agent is linked to the service.",
+                &[("service", &s.name)],
+                state,
+            );
+            out.gauge(
+                "switchboard_tunnel_streams",
+                "Streams open now.",
+                &[("service", &s.name)],
+                link.map_or(0, |l| l.open_streams() as u64),
+            );
+        }
+        out.close_array();
+        self.mux.stats.report(out);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

@@ -1,0 +1,257 @@
+//! The admin endpoint: `GET /status` (JSON), `GET /metrics` (Prometheus
+//! text) and `GET /healthz`, served by the engine's own loop.
+//!
+//! Invariant: a client costs at most `MAX_HEAD` bytes of request buffer and
+//! one response (at most `max_response` bytes); there are at most
+//! `max_clients` of them; each is closed `request_timeout` after it
+//! connected if it has not sent a whole request, and a response that its
+//! reader does not take is dropped by the stall timeout. Nothing a client
+//! sends can make the loop wait.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use log::{debug, info, warn};
+
+use crate::codec::{Frame, Framing};
+use crate::config::AdminConfig;
+use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, TimerKey};
+use crate::role::{ReportKind, Role};
+
+/// The longest request head (request line and headers) accepted.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// The most headers a request may carry.
+const MAX_HEADERS: usize = 32;
+
+struct Client {
+    head: Vec<u8>,
+    timer: TimerKey,
+    /// A request was read (the answer is on its way).
+    answered: bool,
+}
+
+/// The `[admin]` role.
+pub struct Admin {
+    config: AdminConfig,
+    listener: Option<ListenerId>,
+    clients: HashMap<ConnKey, Client>,
+}
+
+impl Admin {
+    /// An admin endpoint for `config`.
+    pub fn new(config: &AdminConfig) -> Admin {
+        Admin {
+            config: config.clone(),
+            listener: None,
+            clients: HashMap::new(),
+        }
+    }
+
+    fn respond(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        conn: ConnKey,
+        status: &str,
+        ctype: &str,
+        body: Bytes,
+    ) {
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{}\r\n",
+            body.len(),
+            if status.starts_with("405") {
+                "Allow: GET\r\n"
+            } else {
+                ""
+            }
+        );
+        let sent = ctx
+            .send(conn, head.as_bytes())
+            .and_then(|()| ctx.send_bytes(conn, body));
+        if sent.is_err() {
+            debug!("{conn}: admin response dropped");
+            ctx.abort(conn);
+            return;
+        }
+        if let Some(c) = self.clients.get_mut(&conn) {
+            c.answered = true;
+        }
+        ctx.pause_reading(conn);
+        ctx.set_stall_timeout(conn, Some(self.config.request_timeout));
+        ctx.close(conn);
+    }
+
+    fn error(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, status: &str) {
+        let body = format!("{status}\n");
+        self.respond(
+            ctx,
+            conn,
+            status,
+            "text/plain; charset=utf-8",
+            Bytes::from(body),
+        );
+    }
+
+    /// Parse what has arrived; answer once the head is complete.
+    fn on_head(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        let Some(c) = self.clients.get(&conn) else {
+            return;
+        };
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = req.parse(&c.head);
+        let too_long = c.head.len() >= MAX_HEAD;
+        match parsed {
+            Ok(httparse::Status::Partial) if too_long => {
+                self.error(ctx, conn, "431 Request Header Fields Too Large");
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                self.error(ctx, conn, "431 Request Header Fields Too Large");
+            }
+            Err(e) => {
+                debug!("{conn}: bad admin request: {e}");
+                self.error(ctx, conn, "400 Bad Request");
+            }
+            Ok(httparse::Status::Complete(_)) => {
+                let method = req.method.unwrap_or_default();
+                let path = req.path.unwrap_or_default();
+                let path = path.split('?').next().unwrap_or_default();
+                debug!("{conn}: admin {method} {path}");
+                if method != "GET" {
+                    self.error(ctx, conn, "405 Method Not Allowed");
+                    return;
+                }
+                match path {
+                    "/healthz" => self.respond(
+                        ctx,
+                        conn,
+                        "200 OK",
+                        "text/plain; charset=utf-8",
+                        Bytes::from_static(b"ok\n"),
+                    ),
+                    "/status" => self.ask(ctx, conn, ReportKind::Status),
+                    "/metrics" => self.ask(ctx, conn, ReportKind::Metrics),
+                    _ => self.error(ctx, conn, "404 Not Found"),
+                }
+            }
+        }
+    }
+
+    fn ask(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind) {
+        if let Some(c) = self.clients.get_mut(&conn) {
+            c.answered = true;
+            c.head = Vec::new();
+        }
+        ctx.pause_reading(conn);
+        ctx.request_report(conn, kind);
+    }
+}
+
+impl Role for Admin {
+    fn name(&self) -> &str {
+        "admin"
+    }
+
+    fn kind(&self) -> &str {
+        "admin"
+    }
+
+    fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
+        let opts = ListenOptions {
+            framing: Framing::Raw,
+            queue_bytes: Some(self.config.max_response + 1024),
+            nodelay: true,
+        };
+        self.listener = Some(ctx.listen(self.config.listen, opts)?);
+        info!(
+            "admin: /status /metrics /healthz on http://{}",
+            self.config.listen
+        );
+        Ok(())
+    }
+
+    fn on_accept(&mut self, ctx: &mut Ctx<'_>, _l: ListenerId, conn: ConnKey, peer: SocketAddr) {
+        if self.clients.len() >= self.config.max_clients {
+            warn!(
+                "admin: {peer} refused: {} clients already connected",
+                self.clients.len()
+            );
+            ctx.abort(conn);
+            return;
+        }
+        let at = ctx.now() + self.config.request_timeout;
+        let timer = ctx.set_timer(at, conn.to_u64());
+        self.clients.insert(
+            conn,
+            Client {
+                head: Vec::new(),
+                timer,
+                answered: false,
+            },
+        );
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
+        let Some(c) = self.clients.get_mut(&conn) else {
+            return;
+        };
+        if c.answered {
+            return;
+        }
+        let room = MAX_HEAD.saturating_sub(c.head.len());
+        let take = frame.payload.len().min(room);
+        c.head
+            .extend_from_slice(frame.payload.get(..take).unwrap_or_default());
+        self.on_head(ctx, conn);
+    }
+
+    fn on_read_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
+        // A client that half-closes after its request still gets the answer.
+        if !self.clients.get(&conn).is_some_and(|c| c.answered) {
+            ctx.close(conn);
+        }
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, _reason: CloseReason) {
+        if let Some(c) = self.clients.remove(&conn) {
+            ctx.cancel_timer(c.timer);
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _timer: TimerKey, token: u64) {
+        let conn = ConnKey::from_u64(token);
+        if let Some(c) = self.clients.get(&conn)
+            && !c.answered
+        {
+            debug!(
+                "{conn}: admin request not complete in {:?}; closing",
+                self.config.request_timeout
+            );
+            ctx.abort(conn);
+        }
+    }
+
+    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: String) {
+        if body.len() > self.config.max_response {
+            warn!(
+                "admin: report of {} bytes exceeds max_response ({}); answering 503",
+                body.len(),
+                self.config.max_response
+            );
+            self.error(ctx, conn, "503 Service Unavailable");
+            return;
+        }
+        let ctype = match kind {
+            ReportKind::Status => "application/json",
+            ReportKind::Metrics => "text/plain; version=0.0.4; charset=utf-8",
+        };
+        self.respond(ctx, conn, "200 OK", ctype, Bytes::from(body));
+    }
+
+    fn on_shutdown(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(l) = self.listener.take() {
+            ctx.close_listener(l);
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! Status and metrics reports: what every role says about itself, for the
+//! admin endpoint (`GET /status` as JSON, `GET /metrics` as Prometheus text).
+//!
+//! Invariant: a report is built only on request (never per frame), from
+//! read-only views of the roles and the engine, into one growing `String`
+//! whose size is bounded by what the configuration describes (connpts,
+//! services, subscribers); the admin role refuses to send one larger than
+//! its bound.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Which report is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    /// JSON (`GET /status`).
+    Status,
+    /// Prometheus text exposition (`GET /metrics`).
+    Metrics,
+}
+
+/// A report being written. Roles add to it in [`crate::Role::report`]: JSON
+/// fields (ignored when metrics are asked for) and metric samples (ignored
+/// for status). The role's own JSON object is open when `report` is called.
+pub struct Report {
+    kind: ReportKind,
+    out: String,
+    /// JSON: whether the current container already holds a value.
+    comma: Vec<bool>,
+    /// Metrics: families whose HELP/TYPE lines were written.
+    families: Vec<&'static str>,
+    /// Metrics: labels every sample of the current role gets.
+    role_labels: String,
+    now: Instant,
+}
+
+impl Report {
+    pub(crate) fn new(kind: ReportKind, now: Instant) -> Report {
+        Report {
+            kind,
+            out: String::with_capacity(4096),
+            comma: Vec::new(),
+            families: Vec::new(),
+            role_labels: String::new(),
+            now,
+        }
+    }
+
+    /// Which report this is (a role can skip work the other needs).
+    pub fn kind(&self) -> ReportKind {
+        self.kind
+    }
+
+    /// The time the report is for.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    pub(crate) fn into_string(self) -> String {
+        self.out
+    }
+
+    pub(crate) fn set_role_labels(&mut self, kind: &str, name: &str) {
+        self.role_labels.clear();
+        let _ = write!(
+            self.role_labels,
+            "role=\"{}\",name=\"{}\"",
+            EscLabel(kind),
+            EscLabel(name)
+        );
+    }
+
+    // ----- JSON -----
+
+    fn sep(&mut self) {
+        if let Some(c) = self.comma.last_mut() {
+            if *c {
+                self.out.push(',');
+            }
+            *c = true;
+        }
+    }
+
+    /// Start a field of the current object: separator and `"key":`.
+    fn key(&mut self, key: &str) {
+        self.sep();
+        let _ = write!(self.out, "\"{}\":", EscJson(key));
+    }
+
+    /// Open a JSON object (as a field `key` of the current object, or as the
+    /// next element of the current array when `key` is `None`).
+    pub fn open_object(&mut self, key: Option<&str>) {
+        if self.kind != ReportKind::Status {
+            return;
+        }
+        self.open(key, '{');
+    }
+
+    /// Open a JSON array (see [`Report::open_object`]).
+    pub fn open_array(&mut self, key: Option<&str>) {
+        if self.kind != ReportKind::Status {
+            return;
+        }
+        self.open(key, '[');
+    }
+
+    fn open(&mut self, key: Option<&str>, c: char) {
+        match key {
+            Some(k) => self.key(k),
+            None => self.sep(),
+        }
+        self.out.push(c);
+        self.comma.push(false);
+    }
+
+    /// Close the innermost object.
+    pub fn close_object(&mut self) {
+        if self.kind == ReportKind::Status {
+            self.comma.pop();
+            self.out.push('}');
+        }
+    }
+
+    /// Close the innermost array.
+    pub fn close_array(&mut self) {
+        if self.kind == ReportKind::Status {
+            self.comma.pop();
+            self.out.push(']');
+        }
+    }
+
+    /// A string field.
+    pub fn str(&mut self, key: &str, value: &str) {
+        if self.kind == ReportKind::Status {
+            self.key(key);
+            let _ = write!(self.out, "\"{}\"", EscJson(value));
+        }
+    }
+
+    /// A number field.
+    pub fn num(&mut self, key: &str, value: u64) {
+        if self.kind == ReportKind::Status {
+            self.key(key);
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    /// A boolean field.
+    pub fn bool(&mut self, key: &str, value: bool) {
+        if self.kind == ReportKind::Status {
+            self.key(key);
+            self.out.push_str(if value { "true" } else { "false" });
+        }
+    }
+
+    /// An address field (`null` when absent).
+    pub fn addr(&mut self, key: &str, value: Option<SocketAddr>) {
+        if self.kind != ReportKind::Status {
+            return;
+        }
+        match value {
+            Some(a) => self.str(key, &a.to_string()),
+            None => {
+                self.key(key);
+                self.out.push_str("null");
+            }
+        }
+    }
+
+    /// Seconds since `t` (`null` when absent), as a field.
+    pub fn age(&mut self, key: &str, t: Option<Instant>) {
+        if self.kind != ReportKind::Status {
+            return;
+        }
+        match t {
+            Some(t) => self.num(key, self.now.saturating_duration_since(t).as_secs()),
+            None => {
+                self.key(key);
+                self.out.push_str("null");
+            }
+        }
+    }
+
+    // ----- metrics -----
+
+    /// A counter sample (`name` should end in `_total`), labelled with the
+    /// role and any `labels`.
+    pub fn counter(&mut self, name: &'static str, help: &str, labels: &[(&str, &str)], v: u64) {
+        self.sample(name, "counter", help, labels, v);
+    }
+
+    /// A gauge sample.
+    pub fn gauge(&mut self, name: &'static str, help: &str, labels: &[(&str, &str)], v: u64) {
+        self.sample(name, "gauge", help, labels, v);
+    }
+
+    /// A sample without the role labels (engine-wide figures).
+    pub(crate) fn global(&mut self, name: &'static str, kind: &str, help: &str, v: u64) {
+        if self.kind != ReportKind::Metrics {
+            return;
+        }
+        self.family(name, kind, help);
+        let _ = writeln!(self.out, "{name} {v}");
+    }
+
+    fn family(&mut self, name: &'static str, kind: &str, help: &str) {
+        if !self.families.contains(&name) {
+            self.families.push(name);
+            let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        }
+    }
+
+    fn sample(
+        &mut self,
+        name: &'static str,
+        kind: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        v: u64,
+    ) {
+        if self.kind != ReportKind::Metrics {
+            return;
+        }
+        self.family(name, kind, help);
+        let _ = write!(self.out, "{name}{{{}", self.role_labels);
+        for (k, val) in labels {
+            let _ = write!(self.out, ",{k}=\"{}\"", EscLabel(val));
+        }
+        let _ = writeln!(self.out, "}} {v}");
+    }
+
+    /// Write the document's opening (engine-wide part).
+    pub(crate) fn begin(&mut self, uptime: Duration, engine: &crate::StatsSnapshot) {
+        match self.kind {
+            ReportKind::Status => {
+                self.out.push('{');
+                self.comma.push(false);
+                self.str("version", env!("CARGO_PKG_VERSION"));
+                self.num("uptime_seconds", uptime.as_secs());
+                self.open_object(Some("engine"));
+                self.num("connections", engine.connections);
+                self.num("accepted_total", engine.accepted_total);
+                self.num("closed_total", engine.closed_total);
+                self.num("bytes_in_total", engine.bytes_in_total);
+                self.num("bytes_out_total", engine.bytes_out_total);
+                self.num("buffers_lent", engine.buffers_lent);
+                self.num("turns_total", engine.turns_total);
+                self.close_object();
+                self.open_array(Some("roles"));
+            }
+            ReportKind::Metrics => {
+                let g = |r: &mut Report, n, h, v| r.global(n, "gauge", h, v);
+                let c = |r: &mut Report, n, h, v| r.global(n, "counter", h, v);
+                g(
+                    self,
+                    "switchboard_uptime_seconds",
+                    "Seconds since the engine started.",
+                    uptime.as_secs(),
+                );
+                g(
+                    self,
+                    "switchboard_connections",
+                    "Connections held now, all roles.",
+                    engine.connections,
+                );
+                c(
+                    self,
+                    "switchboard_accepted_connections_total",
+                    "Connections accepted.",
+                    engine.accepted_total,
+                );
+                c(
+                    self,
+                    "switchboard_closed_connections_total",
+                    "Connections closed.",
+                    engine.closed_total,
+                );
+                c(
+                    self,
+                    "switchboard_received_bytes_total",
+                    "Bytes read from sockets.",
+                    engine.bytes_in_total,
+                );
+                c(
+                    self,
+                    "switchboard_sent_bytes_total",
+                    "Bytes written to sockets.",
+                    engine.bytes_out_total,
+                );
+                c(
+                    self,
+                    "switchboard_queue_full_total",
+                    "Sends refused because a connection's queue was full.",
+                    engine.queue_full_total,
+                );
+                c(
+                    self,
+                    "switchboard_frame_errors_total",
+                    "Connections closed for a frame over its maximum.",
+                    engine.frame_errors_total,
+                );
+                c(
+                    self,
+                    "switchboard_idle_timeouts_total",
+                    "Connections closed by an idle timeout.",
+                    engine.idle_timeouts_total,
+                );
+                c(
+                    self,
+                    "switchboard_accept_paused_total",
+                    "Times accepting paused (connection limit or no file descriptors).",
+                    engine.accept_paused_limit_total + engine.accept_paused_fd_total,
+                );
+                g(
+                    self,
+                    "switchboard_buffers_lent",
+                    "Read buffers lent out now.",
+                    engine.buffers_lent,
+                );
+                c(
+                    self,
+                    "switchboard_loop_turns_total",
+                    "Event loop iterations.",
+                    engine.turns_total,
+                );
+            }
+        }
+    }
+
+    pub(crate) fn role_begin(&mut self, kind: &str, name: &str) {
+        self.set_role_labels(kind, name);
+        if self.kind == ReportKind::Status {
+            self.open_object(None);
+            self.str("role", kind);
+            self.str("name", name);
+        }
+    }
+
+    pub(crate) fn role_end(&mut self) {
+        self.close_object();
+    }
+
+    pub(crate) fn end(&mut self) {
+        if self.kind == ReportKind::Status {
+            self.close_array();
+            self.close_object();
+            self.out.push('\n');
+        }
+    }
+}
+
+/// JSON string escaping.
+struct EscJson<'a>(&'a str);
+
+impl std::fmt::Display for EscJson<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prometheus label value escaping.
+struct EscLabel<'a>(&'a str);
+
+impl std::fmt::Display for EscLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_nests_and_escapes() {
+        let now = Instant::now();
+        let mut r = Report::new(ReportKind::Status, now);
+        r.begin(Duration::from_secs(3), &crate::StatsSnapshot::default());
+        r.role_begin("echo", "e\"1");
+        r.num("n", 1);
+        r.open_array(Some("list"));
+        r.open_object(None);
+        r.str("a", "x\ny");
+        r.addr("peer", None);
+        r.close_object();
+        r.open_object(None);
+        r.bool("b", true);
+        r.close_object();
+        r.close_array();
+        r.role_end();
+        r.role_begin("echo", "e2");
+        r.role_end();
+        r.end();
+        let s = r.into_string();
+        assert!(s.starts_with("{\"version\":"), "{s}");
+        assert!(
+            s.contains(
+                "{\"role\":\"echo\",\"name\":\"e\\\"1\",\"n\":1,\"list\":[{\"a\":\"x\\ny\",\"peer\":null},{\"b\":true}]},{\"role\":\"echo\",\"name\":\"e2\"}]}"
+            ),
+            "{s}"
+        );
+        assert!(
+            !s.contains(",,") && !s.contains("{,") && !s.contains("[,"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn metrics_have_one_header_per_family() {
+        let mut r = Report::new(ReportKind::Metrics, Instant::now());
+        r.role_begin("router", "r1");
+        r.counter("switchboard_x_total", "X.", &[("connpt", "c1")], 5);
+        r.counter("switchboard_x_total", "X.", &[("connpt", "c\"2")], 6);
+        r.str("ignored", "in metrics");
+        let s = r.into_string();
+        assert_eq!(s.matches("# TYPE switchboard_x_total counter").count(), 1);
+        assert!(s.contains("switchboard_x_total{role=\"router\",name=\"r1\",connpt=\"c1\"} 5\n"));
+        assert!(s.contains("connpt=\"c\\\"2\"} 6\n"));
+        assert!(!s.contains("ignored"));
+    }
+}
