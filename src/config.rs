@@ -85,6 +85,84 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
 }
 
+/// One role's configuration, whatever its kind: what a reload compares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoleConfig {
+    /// `[[echo]]`.
+    Echo(EchoConfig),
+    /// `[[broadcast]]`.
+    Broadcast(BroadcastConfig),
+    /// `[[router]]`.
+    Router(RouterConfig),
+    /// `[[tunnel_server]]`.
+    TunnelServer(TunnelServerConfig),
+    /// `[[tunnel_agent]]`.
+    TunnelAgent(TunnelAgentConfig),
+    /// `[admin]`.
+    Admin(AdminConfig),
+}
+
+impl RoleConfig {
+    /// The role kind, as reports name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RoleConfig::Echo(_) => "echo",
+            RoleConfig::Broadcast(_) => "broadcast",
+            RoleConfig::Router(_) => "router",
+            RoleConfig::TunnelServer(_) => "tunnel_server",
+            RoleConfig::TunnelAgent(_) => "tunnel_agent",
+            RoleConfig::Admin(_) => "admin",
+        }
+    }
+
+    /// What identifies the role across reloads: kind and name (and for an
+    /// agent, whose name is the service it asks for, also its server; for an
+    /// echo, also its address).
+    pub fn identity(&self) -> String {
+        match self {
+            RoleConfig::TunnelAgent(c) => format!("tunnel_agent '{}' of {}", c.name, c.server),
+            RoleConfig::Echo(c) => format!("echo '{}' on {}", c.name, c.listen),
+            other => format!("{} '{}'", other.kind(), other.name()),
+        }
+    }
+
+    /// The role's name.
+    pub fn name(&self) -> &str {
+        match self {
+            RoleConfig::Echo(c) => &c.name,
+            RoleConfig::Broadcast(c) => &c.name,
+            RoleConfig::Router(c) => &c.name,
+            RoleConfig::TunnelServer(c) => &c.name,
+            RoleConfig::TunnelAgent(c) => &c.name,
+            RoleConfig::Admin(_) => "admin",
+        }
+    }
+}
+
+impl Config {
+    /// Every role in the file, in the order they are started.
+    pub fn roles(&self) -> Vec<RoleConfig> {
+        let mut out: Vec<RoleConfig> = Vec::new();
+        out.extend(self.echo.iter().cloned().map(RoleConfig::Echo));
+        out.extend(self.broadcast.iter().cloned().map(RoleConfig::Broadcast));
+        out.extend(self.router.iter().cloned().map(RoleConfig::Router));
+        out.extend(
+            self.tunnel_server
+                .iter()
+                .cloned()
+                .map(RoleConfig::TunnelServer),
+        );
+        out.extend(
+            self.tunnel_agent
+                .iter()
+                .cloned()
+                .map(RoleConfig::TunnelAgent),
+        );
+        out.extend(self.admin.iter().cloned().map(RoleConfig::Admin));
+        out
+    }
+}
+
 /// `[admin]`: HTTP status, metrics and health endpoint.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,7 +192,7 @@ fn default_admin_response() -> usize {
 }
 
 /// `[engine]`: loop-wide limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Connections held at once, over all roles; at the limit accepting pauses.
@@ -166,7 +244,7 @@ impl Default for EngineConfig {
 }
 
 /// `[[echo]]`: send back every byte received.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EchoConfig {
     /// Name used in logs (default `"echo"`).
@@ -207,7 +285,7 @@ pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_REPLAY: usize = 100_000;
 
 /// `[[broadcast]]`: every record from any publisher to every subscriber.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BroadcastConfig {
     /// Name used in logs (default `"broadcast"`).
@@ -370,7 +448,7 @@ pub enum Offline {
 }
 
 /// `[[router]]`: identify field devices and bridge them to their connection points.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// Name used in logs (default `"router"`).
@@ -443,7 +521,7 @@ pub struct RouterConfig {
 }
 
 /// `[[router.connpt]]`: one device and where its bytes go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnptConfig {
     /// Name used in logs.
@@ -509,7 +587,7 @@ pub const MAX_TUNNEL_STREAMS: usize = 256;
 
 /// `[[tunnel_server]]`: agents dial in; clients of each service's public port
 /// are multiplexed over that service's link.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelServerConfig {
     /// Name used in logs (default `"tunnel"`).
@@ -562,7 +640,7 @@ pub struct TunnelServerConfig {
 }
 
 /// `[[tunnel_server.service]]`: one public port.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The name an agent asks for in its LISTEN.
@@ -576,7 +654,7 @@ pub struct ServiceConfig {
 
 /// `[[tunnel_agent]]` (or `switchboard agent`): dial a tunnel server and
 /// connect its streams to a local service.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelAgentConfig {
     /// The service to ask for (empty: the server's first service without a token).
@@ -1291,6 +1369,18 @@ impl Config {
         }
         for (i, a) in self.tunnel_agent.iter().enumerate() {
             validate_tunnel_agent(i, a, e)?;
+        }
+        let roles = self.roles();
+        for (i, r) in roles.iter().enumerate() {
+            if roles[..i].iter().any(|o| o.identity() == r.identity()) {
+                return err(
+                    &format!("{}.name", r.kind()),
+                    format!(
+                        "two roles are {}: give them different names (a reload tells roles apart by name)",
+                        r.identity()
+                    ),
+                );
+            }
         }
         if let Some(a) = &self.admin {
             if a.request_timeout.is_zero() {

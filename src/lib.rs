@@ -116,7 +116,7 @@ pub use engine::{
     Keepalive, ListenError, ListenOptions, ListenerId, ListenerInfo, Message, RoleId, SendError,
     StatsSnapshot, TimerKey, View,
 };
-pub use role::{OnFrameError, Report, ReportKind, Role};
+pub use role::{OnFrameError, Reconfigure, Report, ReportKind, Role};
 
 // ===== impl Engine (configuration) =====
 
@@ -127,23 +127,8 @@ impl Engine {
     /// If the poll instance cannot be created.
     pub fn from_config(config: &Config) -> Result<Engine, EngineError> {
         let mut engine = Engine::new(config.engine.clone())?;
-        for echo in &config.echo {
-            engine.add_role(Box::new(role::Echo::new(echo)));
-        }
-        for broadcast in &config.broadcast {
-            engine.add_role(Box::new(role::Broadcast::new(broadcast)));
-        }
-        for router in &config.router {
-            engine.add_role(Box::new(role::Router::new(router)));
-        }
-        for server in &config.tunnel_server {
-            engine.add_role(Box::new(role::TunnelServer::new(server)));
-        }
-        for agent in &config.tunnel_agent {
-            engine.add_role(Box::new(role::TunnelAgent::new(agent)));
-        }
-        if let Some(admin) = &config.admin {
-            engine.add_role(Box::new(role::Admin::new(admin)));
+        for role in config.roles() {
+            engine.add_configured(role);
         }
         Ok(engine)
     }

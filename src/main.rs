@@ -90,7 +90,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
             info!("switchboard {} agent starting", env!("CARGO_PKG_VERSION"));
-            serve(config)
+            serve(config, None)
         }
     }
 }
@@ -118,11 +118,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             env!("CARGO_PKG_VERSION")
         ),
     }
-    serve(config)
+    serve(config, path)
 }
 
-/// Start every role of `config` and run until stopped.
-fn serve(config: Config) -> ExitCode {
+/// Start every role of `config` and run until stopped; SIGHUP reloads `path`.
+fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     let mut engine = match Engine::from_config(&config) {
         Ok(e) => e,
         Err(e) => {
@@ -133,6 +133,9 @@ fn serve(config: Config) -> ExitCode {
     // The roles hold what they need; a large config (tens of thousands of
     // connpts) should not stay in memory for the whole run.
     drop(config);
+    if let Some(p) = path {
+        engine.watch_config(p);
+    }
     if let Err(e) = engine.handle_signals().and_then(|()| engine.start()) {
         error!("{e}");
         return ExitCode::from(match e {

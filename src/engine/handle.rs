@@ -20,6 +20,7 @@ pub type Message = Box<dyn Any + Send>;
 
 pub(crate) enum Command {
     Stop,
+    Reload,
     Message(RoleId, Message),
 }
 
@@ -64,6 +65,12 @@ impl Handle {
     /// `engine.shutdown_timeout`, and `run` returns.
     pub fn stop(&self) {
         self.push(Command::Stop, true).ok();
+    }
+
+    /// Ask the engine to reload its watched config file (as SIGHUP does; see
+    /// [`crate::Engine::watch_config`]).
+    pub fn reload(&self) {
+        self.push(Command::Reload, true).ok();
     }
 
     /// Like [`Handle::send`], but while the inbox is full, wait (sleeping a

@@ -12,6 +12,7 @@ mod buffer;
 mod conn;
 mod ctx;
 mod handle;
+mod reload;
 mod timer;
 mod token;
 
@@ -220,6 +221,10 @@ pub(crate) struct Core {
 pub struct Engine {
     core: Core,
     roles: Vec<Box<dyn Role>>,
+    /// The configuration each role was built from (None: added by hand).
+    role_configs: Vec<Option<reload::Applied>>,
+    /// Reloaded on SIGHUP.
+    config_path: Option<std::path::PathBuf>,
     events: Events,
     /// The ready list being worked on (swapped with `core.ready`).
     ready_work: Vec<usize>,
@@ -270,6 +275,8 @@ impl Engine {
         Ok(Engine {
             core,
             roles: Vec::new(),
+            role_configs: Vec::new(),
+            config_path: None,
             events: Events::with_capacity(EVENTS_CAPACITY),
             ready_work: Vec::with_capacity(initial),
             signals: None,
@@ -991,6 +998,7 @@ impl Engine {
             match cmd {
                 None => return,
                 Some(Command::Stop) => self.core.stop_requested = true,
+                Some(Command::Reload) => self.reload_watched(),
                 Some(Command::Message(role, msg)) => {
                     self.call(role, |r, ctx| r.on_message(ctx, msg));
                 }
@@ -1009,7 +1017,10 @@ impl Engine {
                     info!("signal {sig}: shutting down");
                     self.core.stop_requested = true;
                 }
-                SIGHUP => warn!("SIGHUP: live reload is not implemented yet; config unchanged"),
+                SIGHUP => {
+                    info!("SIGHUP: reloading the config");
+                    self.reload_watched();
+                }
                 _ => {}
             }
         }

@@ -22,7 +22,31 @@ pub use tunnel::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
 use std::net::SocketAddr;
 
 use crate::codec::{Frame, FrameError};
+use crate::config::RoleConfig;
 use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey, View};
+
+/// What a role did with a changed configuration ([`Role::reconfigure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconfigure {
+    /// The change is in force; connections the new configuration still
+    /// allows are untouched.
+    Applied,
+    /// The role cannot change in place: the engine closes its listeners and
+    /// connections and starts a new instance.
+    Restart,
+}
+
+/// The role a configuration describes (not started).
+pub fn build(config: &RoleConfig) -> Box<dyn Role> {
+    match config {
+        RoleConfig::Echo(c) => Box::new(Echo::new(c)),
+        RoleConfig::Broadcast(c) => Box::new(Broadcast::new(c)),
+        RoleConfig::Router(c) => Box::new(Router::new(c)),
+        RoleConfig::TunnelServer(c) => Box::new(TunnelServer::new(c)),
+        RoleConfig::TunnelAgent(c) => Box::new(TunnelAgent::new(c)),
+        RoleConfig::Admin(c) => Box::new(Admin::new(c)),
+    }
+}
 
 /// What to do after a framing error ([`Role::on_frame_error`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +148,15 @@ pub trait Role: Send {
     /// A message from another thread ([`crate::Handle::send`]).
     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
         let _ = (ctx, msg);
+    }
+
+    /// Live reload: the role's configuration changed (it is never called
+    /// with an unchanged one). Apply what can change in place and return
+    /// [`Reconfigure::Applied`], leaving alone every connection the new
+    /// configuration still allows; the default asks for a restart.
+    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &RoleConfig) -> Reconfigure {
+        let _ = (ctx, new);
+        Reconfigure::Restart
     }
 
     /// The role's kind for reports (`"echo"`, `"router"`, ...).

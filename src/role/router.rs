@@ -18,15 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::codec::Frame;
-use crate::config::{Duplicate, Identity, Offline, RouterConfig};
+use crate::config::{ConnptConfig, Duplicate, Identity, Offline, RoleConfig, RouterConfig};
 use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, SendError,
     TimerKey, View,
 };
-use crate::role::{Report, Role};
+use crate::role::{Reconfigure, Report, Role};
 
 /// Timer kinds, in the top bits of a timer token (connection indices stay
 /// below 2^24, so a `ConnKey::to_u64` never reaches bit 56).
@@ -163,6 +163,8 @@ struct Connpt {
     /// Bytes from the device to its applications / upstream, and back.
     bytes_up: u64,
     bytes_down: u64,
+    /// Taken out of service by a reload (the slot waits in `free_connpts`).
+    removed: bool,
 }
 
 /// Identifies devices and bridges them to their connpts. See the module docs.
@@ -182,6 +184,8 @@ pub struct Router {
     links: HashMap<ConnKey, Link>,
     pending: usize,
     pending_per_ip: HashMap<IpAddr, usize>,
+    /// Connpt slots freed by a reload, reused by the next one added.
+    free_connpts: Vec<u32>,
 }
 
 // ===== impl Router =====
@@ -204,47 +208,13 @@ impl Router {
             links: HashMap::with_capacity(n),
             pending: 0,
             pending_per_ip: HashMap::new(),
+            free_connpts: Vec::new(),
             config: config.clone(),
         };
-        for (i, c) in config.connpt.iter().enumerate() {
-            let i = i as u32;
-            let id = Id::new(&c.id.0).unwrap_or(Id {
-                len: 0,
-                bytes: [0; crate::config::MAX_ID_LEN],
-            });
-            match config.identity {
-                Identity::Id => {
-                    r.by_id.insert(id, i);
-                    r.sorted_ids.push(i);
-                }
-                Identity::Ip => {
-                    let text = String::from_utf8_lossy(&c.id.0);
-                    if let Ok(a) = text.parse::<SocketAddr>() {
-                        r.by_addr.insert(a, i);
-                    } else if let Ok(ip) = text.parse::<IpAddr>() {
-                        r.by_ip.insert(ip, i);
-                    }
-                }
-            }
-            r.connpts.push(Connpt {
-                name: c.name.clone(),
-                id,
-                listen: c.listen,
-                connect: c.connect,
-                send_id: c.send_id.as_ref().map(|b| b.0.clone()),
-                device: None,
-                apps: Vec::new(),
-                upstream: None,
-                redial: None,
-                backoff: config.reconnect_min,
-                connected_at: None,
-                keepalive: None,
-                device_paused: false,
-                held: Vec::new(),
-                since: None,
-                bytes_up: 0,
-                bytes_down: 0,
-            });
+        for c in &config.connpt {
+            let i = r.connpts.len() as u32;
+            r.connpts.push(Router::connpt_from(config, c));
+            r.index_connpt(i);
         }
         let connpts = &r.connpts;
         let id = |i: &u32| {
@@ -257,6 +227,149 @@ impl Router {
         // The connpts now live in `connpts`; do not keep a second copy.
         r.config.connpt = Vec::new();
         r
+    }
+
+    fn connpt_from(config: &RouterConfig, c: &ConnptConfig) -> Connpt {
+        Connpt {
+            name: c.name.clone(),
+            id: Id::new(&c.id.0).unwrap_or(Id {
+                len: 0,
+                bytes: [0; crate::config::MAX_ID_LEN],
+            }),
+            listen: c.listen,
+            connect: c.connect,
+            send_id: c.send_id.as_ref().map(|b| b.0.clone()),
+            device: None,
+            apps: Vec::new(),
+            upstream: None,
+            redial: None,
+            backoff: config.reconnect_min,
+            connected_at: None,
+            keepalive: None,
+            device_paused: false,
+            held: Vec::new(),
+            since: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            removed: false,
+        }
+    }
+
+    /// Enter connpt `i` in the lookup tables (the caller re-sorts `sorted_ids`).
+    fn index_connpt(&mut self, i: u32) {
+        let Some(c) = self.connpts.get(i as usize) else {
+            return;
+        };
+        match self.config.identity {
+            Identity::Id => {
+                self.by_id.insert(c.id, i);
+                self.sorted_ids.push(i);
+            }
+            Identity::Ip => {
+                let text = String::from_utf8_lossy(c.id.as_slice());
+                if let Ok(a) = text.parse::<SocketAddr>() {
+                    self.by_addr.insert(a, i);
+                } else if let Ok(ip) = text.parse::<IpAddr>() {
+                    self.by_ip.insert(ip, i);
+                }
+            }
+        }
+    }
+
+    fn sort_ids(&mut self) {
+        let connpts = &self.connpts;
+        let id = |i: &u32| {
+            connpts
+                .get(*i as usize)
+                .map(|c| c.id.as_slice())
+                .unwrap_or_default()
+        };
+        self.sorted_ids.sort_unstable_by(|a, b| id(a).cmp(id(b)));
+    }
+
+    /// Whether connpt `c` is what `cfg` describes.
+    fn same_connpt(c: &Connpt, cfg: &ConnptConfig) -> bool {
+        !c.removed
+            && c.name == cfg.name
+            && c.id.as_slice() == cfg.id.0.as_slice()
+            && c.listen == cfg.listen
+            && c.connect == cfg.connect
+            && c.send_id.as_deref() == cfg.send_id.as_ref().map(|b| b.0.as_slice())
+    }
+
+    /// Live reload: take connpt `i` out of service, closing its device,
+    /// applications, upstream and application port. Its slot is reused.
+    fn remove_connpt(&mut self, ctx: &mut Ctx<'_>, i: u32) {
+        let name = self.config.name.clone();
+        let Some(c) = self.connpts.get_mut(i as usize) else {
+            return;
+        };
+        if let Some((dev, _)) = c.device.take() {
+            self.links.remove(&dev);
+            ctx.close(dev);
+            self.stats.online.fetch_sub(1, Ordering::Relaxed);
+        }
+        for k in c.apps.drain(..).chain(c.upstream.take()) {
+            self.links.remove(&k);
+            ctx.close(k);
+        }
+        for t in [c.keepalive.take(), c.redial.take()].into_iter().flatten() {
+            ctx.cancel_timer(t);
+        }
+        c.removed = true;
+        c.held = Vec::new();
+        info!("{name}: connpt {} removed", c.name);
+        let id = c.id;
+        match self.config.identity {
+            Identity::Id => {
+                if self.by_id.get(&id) == Some(&i) {
+                    self.by_id.remove(&id);
+                }
+                self.sorted_ids.retain(|&x| x != i);
+            }
+            Identity::Ip => {
+                self.by_addr.retain(|_, x| *x != i);
+                self.by_ip.retain(|_, x| *x != i);
+            }
+        }
+        let listeners: Vec<ListenerId> = self
+            .app_listeners
+            .iter()
+            .filter(|(_, x)| **x == i)
+            .map(|(l, _)| *l)
+            .collect();
+        for l in listeners {
+            self.app_listeners.remove(&l);
+            ctx.close_listener(l);
+        }
+        self.free_connpts.push(i);
+    }
+
+    /// Live reload: put a new connpt in service (opening its application port).
+    fn add_connpt(&mut self, ctx: &mut Ctx<'_>, cfg: &ConnptConfig) {
+        let c = Router::connpt_from(&self.config, cfg);
+        let i = match self.free_connpts.pop() {
+            Some(i) => {
+                if let Some(slot) = self.connpts.get_mut(i as usize) {
+                    *slot = c;
+                }
+                i
+            }
+            None => {
+                self.connpts.push(c);
+                (self.connpts.len() - 1) as u32
+            }
+        };
+        self.index_connpt(i);
+        if let Some(listen) = cfg.listen {
+            match ctx.listen(listen, ListenOptions::default()) {
+                Ok(l) => {
+                    self.app_listeners.insert(l, i);
+                }
+                Err(e) => error!("{}: connpt {}: {e}", self.config.name, cfg.name),
+            }
+        }
+        info!("{}: connpt {} added", self.config.name, cfg.name);
     }
 
     /// The role's counters (shared; keep the `Arc` before adding the role).
@@ -716,6 +829,53 @@ impl Role for Router {
         "router"
     }
 
+    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &RoleConfig) -> Reconfigure {
+        let RoleConfig::Router(new) = new else {
+            return Reconfigure::Restart;
+        };
+        if new.listen != self.config.listen || new.identity != self.config.identity {
+            return Reconfigure::Restart;
+        }
+        let mut settings = new.clone();
+        settings.connpt = Vec::new();
+        self.config = settings;
+        // Connpts by name: unchanged ones (and their devices) stay as they are.
+        let wanted: HashMap<&str, &ConnptConfig> =
+            new.connpt.iter().map(|c| (c.name.as_str(), c)).collect();
+        for i in 0..self.connpts.len() {
+            let Some(c) = self.connpts.get(i) else {
+                continue;
+            };
+            if c.removed {
+                continue;
+            }
+            let keep = wanted
+                .get(c.name.as_str())
+                .is_some_and(|cfg| Router::same_connpt(c, cfg));
+            if !keep {
+                self.remove_connpt(ctx, i as u32);
+            }
+        }
+        let added: Vec<ConnptConfig> = {
+            let live: hashbrown::HashSet<&str> = self
+                .connpts
+                .iter()
+                .filter(|c| !c.removed)
+                .map(|c| c.name.as_str())
+                .collect();
+            new.connpt
+                .iter()
+                .filter(|c| !live.contains(c.name.as_str()))
+                .cloned()
+                .collect()
+        };
+        for cfg in &added {
+            self.add_connpt(ctx, cfg);
+        }
+        self.sort_ids();
+        Reconfigure::Applied
+    }
+
     fn report(&self, view: &View<'_>, out: &mut Report) {
         let st = &self.stats;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -727,7 +887,7 @@ impl Role for Router {
         out.num("pending", self.pending as u64);
         out.open_array(Some("connpts"));
         let (mut up, mut down) = (0, 0);
-        for c in &self.connpts {
+        for c in self.connpts.iter().filter(|c| !c.removed) {
             up += c.bytes_up;
             down += c.bytes_down;
             out.open_object(None);

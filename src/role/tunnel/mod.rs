@@ -90,6 +90,7 @@ impl TunnelStats {
         let st = self.status.lock().ok()?;
         st.services
             .iter()
+            .rev()
             .find(|(n, _, _)| n == service)
             .and_then(|(_, a, _)| *a)
     }
@@ -99,6 +100,7 @@ impl TunnelStats {
         let st = self.status.lock().ok()?;
         st.services
             .iter()
+            .rev()
             .find(|(n, _, _)| n == service)
             .and_then(|(_, _, a)| *a)
     }

@@ -17,11 +17,12 @@ use crate::codec::tunnel::{
     self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
 };
 use crate::codec::{Frame, Framing};
+use crate::config::RoleConfig;
 use crate::config::TunnelServerConfig;
 use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, Keepalive, ListenOptions, ListenerId, TimerKey, View,
 };
-use crate::role::{Report, Role};
+use crate::role::{Reconfigure, Report, Role};
 
 /// Where a link is in its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,8 @@ struct ServerLink {
 }
 
 struct Service {
+    /// Taken out of service by a reload (kept so indices stay valid).
+    removed: bool,
     name: String,
     public: SocketAddr,
     token: Option<Vec<u8>>,
@@ -75,6 +78,7 @@ impl TunnelServer {
             .service
             .iter()
             .map(|s| Service {
+                removed: false,
                 name: s.name.clone(),
                 public: s.public,
                 token: s.token.as_ref().map(|t| t.as_bytes().to_vec()),
@@ -148,11 +152,12 @@ impl TunnelServer {
     /// An empty LISTEN (or an empty name): the first service without a
     /// token that has no link, else the first service without a token.
     fn tokenless_service(&self) -> Option<usize> {
+        let open = |s: &Service| s.token.is_none() && !s.removed;
         let free = self
             .services
             .iter()
-            .position(|s| s.token.is_none() && s.link.is_none());
-        free.or_else(|| self.services.iter().position(|s| s.token.is_none()))
+            .position(|s| open(s) && s.link.is_none());
+        free.or_else(|| self.services.iter().position(open))
     }
 
     fn on_listen(&mut self, ctx: &mut Ctx<'_>, li: usize, payload: &[u8]) {
@@ -422,6 +427,28 @@ impl TunnelServer {
     }
 }
 
+impl TunnelServer {
+    /// Live reload: close service `si`'s link (and its streams) and public port.
+    fn remove_service(&mut self, ctx: &mut Ctx<'_>, si: usize) {
+        let Some(s) = self.services.get_mut(si) else {
+            return;
+        };
+        s.removed = true;
+        if let Some(l) = s.listener.take() {
+            self.by_listener.remove(&l);
+            ctx.close_listener(l);
+        }
+        if let Some(li) = s.link.take()
+            && let Some(link) = self.mux.remove_link(ctx, li)
+        {
+            self.links_by_conn.remove(&link.conn);
+            ctx.close(link.conn);
+        }
+        info!("{}: service '{}' removed", self.config.name, s.name);
+        self.publish_status(si, None, None);
+    }
+}
+
 impl Role for TunnelServer {
     fn name(&self) -> &str {
         &self.config.name
@@ -431,6 +458,53 @@ impl Role for TunnelServer {
         "tunnel_server"
     }
 
+    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &RoleConfig) -> Reconfigure {
+        let RoleConfig::TunnelServer(new) = new else {
+            return Reconfigure::Restart;
+        };
+        let mut old_settings = self.config.clone();
+        old_settings.service = new.service.clone();
+        if old_settings != *new {
+            // Link or stream settings: every link would need renegotiating.
+            return Reconfigure::Restart;
+        }
+        for si in 0..self.services.len() {
+            let Some(s) = self.services.get(si) else {
+                continue;
+            };
+            if s.removed {
+                continue;
+            }
+            let keep = new.service.iter().any(|c| {
+                c.name == s.name
+                    && c.public == s.public
+                    && c.token.as_deref().map(str::as_bytes) == s.token.as_deref()
+            });
+            if !keep {
+                self.remove_service(ctx, si);
+            }
+        }
+        for c in &new.service {
+            if self.services.iter().any(|s| !s.removed && s.name == c.name) {
+                continue;
+            }
+            self.services.push(Service {
+                removed: false,
+                name: c.name.clone(),
+                public: c.public,
+                token: c.token.as_ref().map(|t| t.as_bytes().to_vec()),
+                listener: None,
+                link: None,
+            });
+            if let Ok(mut st) = self.mux.stats.status.lock() {
+                st.services.push((c.name.clone(), None, None));
+            }
+            info!("{}: service '{}' added", self.config.name, c.name);
+        }
+        self.config = new.clone();
+        Reconfigure::Applied
+    }
+
     fn report(&self, view: &View<'_>, out: &mut Report) {
         out.addr(
             "listen",
@@ -438,7 +512,7 @@ impl Role for TunnelServer {
         );
         out.num("pending_links", self.pending as u64);
         out.open_array(Some("services"));
-        for s in &self.services {
+        for s in self.services.iter().filter(|s| !s.removed) {
             let link = s.link.and_then(|li| self.mux.links.get(li));
             out.open_object(None);
             out.str("name", &s.name);
