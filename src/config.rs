@@ -46,16 +46,48 @@ pub const BUILTIN_CONFIG: &str = r#"# switchboard built-in default: every role o
 [engine]
 max_connections = 1024
 
+# nc 127.0.0.1 7007: every line comes back.
 [[echo]]
 name = "echo"
 listen = "127.0.0.1:7007"
 idle_timeout = "5m"
 
+# Subscribers: nc 127.0.0.1 7000. Publishers: nc 127.0.0.1 7001.
 [[broadcast]]
 name = "pos"
 listen = "127.0.0.1:7000"
 ingest = "127.0.0.1:7001"
 replay = 10
+
+# A device dials 7100 and sends its id "dev1" first; an application on 7101
+# then talks to it.
+[[router]]
+name = "dtu"
+listen = "127.0.0.1:7100"
+  [[router.connpt]]
+  name = "dev1"
+  id = "dev1"
+  listen = "127.0.0.1:7101"
+
+# A tunnel server (agents on 7200) and an agent in the same process that
+# links to it and exposes the echo service: clients of 7201 reach echo.
+[[tunnel_server]]
+name = "tunnel"
+listen = "127.0.0.1:7200"
+  [[tunnel_server.service]]
+  name = "demo"
+  public = "127.0.0.1:7201"
+  token = "demo-token"
+
+[[tunnel_agent]]
+name = "demo"
+server = "127.0.0.1:7200"
+local = "127.0.0.1:7007"
+token = "demo-token"
+
+# curl http://127.0.0.1:7080/status (also /metrics, /healthz).
+[admin]
+listen = "127.0.0.1:7080"
 "#;
 
 /// The whole configuration file.
@@ -1670,6 +1702,21 @@ mod tests {
             b.listen.ip().is_loopback()
                 && matches!(b.ingest, Some(Ingest::Tcp(a)) if a.ip().is_loopback())
         }));
+        assert!(c.router.iter().all(|r| {
+            r.listen.ip().is_loopback()
+                && r.connpt
+                    .iter()
+                    .all(|p| p.listen.is_some_and(|a| a.ip().is_loopback()))
+        }));
+        assert!(c.tunnel_server.iter().all(|t| t.listen.ip().is_loopback()
+            && t.service.iter().all(|s| s.public.ip().is_loopback())));
+        assert!(
+            c.admin
+                .as_ref()
+                .is_some_and(|a| a.listen.ip().is_loopback())
+        );
+        // Every role is in the demo.
+        assert!(!c.router.is_empty() && !c.tunnel_server.is_empty() && !c.tunnel_agent.is_empty());
     }
 
     #[test]

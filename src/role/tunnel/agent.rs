@@ -79,6 +79,8 @@ pub struct TunnelAgent {
     up_since: Option<Instant>,
     /// The engine is stopping: no more dialling.
     stopping: bool,
+    /// Why the agent itself closed the link (kept for the status).
+    fail_reason: Option<String>,
 }
 
 impl TunnelAgent {
@@ -109,6 +111,7 @@ impl TunnelAgent {
             rng: Rng::from_os(),
             up_since: None,
             stopping: false,
+            fail_reason: None,
             config: config.clone(),
         }
     }
@@ -280,11 +283,7 @@ impl TunnelAgent {
     /// Drop the link (and its streams) after a protocol failure.
     fn fail(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, why: &str) {
         warn!("{}: {why}; closing the link", self.label());
-        if let Ok(mut st) = self.mux.stats.status.lock()
-            && let Some(a) = st.agent.as_mut()
-        {
-            a.1 = why.to_owned();
-        }
+        self.fail_reason = Some(why.to_owned());
         ctx.close(conn);
     }
 
@@ -595,6 +594,11 @@ impl Role for TunnelAgent {
     }
 
     fn on_connect_failed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
+        if self.link_conn != Some(conn) {
+            // The local service did not answer: the CONNECT is refused (CLOSE).
+            bump(&self.mux.stats.refused_total);
+            warn!("{}: local connection failed ({reason})", self.label());
+        }
         self.on_closed(ctx, conn, reason);
     }
 
@@ -641,10 +645,14 @@ impl Role for TunnelAgent {
             bump(&self.mux.stats.reconnects_total);
         }
         let what = if was_up { "link lost" } else { "link failed" };
+        let why = self
+            .fail_reason
+            .take()
+            .unwrap_or_else(|| format!("{what} ({reason})"));
         if self.stopping {
-            self.set_state(AgentState::Waiting, Some(format!("{what} ({reason})")), 0);
+            self.set_state(AgentState::Waiting, Some(why), 0);
         } else {
-            self.retry_later(ctx, format!("{what} ({reason})"));
+            self.retry_later(ctx, why);
         }
     }
 

@@ -1,0 +1,1581 @@
+//! The tunnel roles end to end (docs/PROTOCOL.md is the contract): in-process
+//! engines on loopback driven with std sockets.
+//!
+//! Three kinds of test: our server with our agent; our server with an agent
+//! written here (raw frames: the base protocol, or a hand-made extended
+//! handshake, for authentication, replay, malformed input, PEER_ADDR, credit
+//! and heartbeat); our agent with a server written here (the base protocol:
+//! streams, allowlist, refusal of a base server when a token is set). The
+//! roles are built directly so that the tests can read their [`TunnelStats`].
+//! The server's link listener binds port 0 and is read back from the engine
+//! (`addrs[0]`); a service's public port is 0 too and is read from the stats
+//! once an agent is linked.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
+mod util;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use switchboard::Config;
+use switchboard::codec::tunnel::{
+    Command, HEADER_LEN, Hello, ListenRequest, MAC_LEN, NONCE_LEN, ext, header, parse_peer, reject,
+};
+use switchboard::config::{EngineConfig, TunnelAgentConfig, TunnelServerConfig};
+use switchboard::role::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
+
+use util::{IO_TIMEOUT, Pattern, TestEngine, accept_within, connect, is_timeout, wait_for};
+
+/// Bound on waiting for a counter, a link or a frame.
+const WAIT: Duration = Duration::from_secs(10);
+/// "Closed at once": EOF must come within this.
+const AT_ONCE: Duration = Duration::from_secs(2);
+/// How long "nothing arrives" is watched for.
+const QUIET: Duration = Duration::from_millis(150);
+
+type HmacSha256 = Hmac<Sha256>;
+
+// ----- engines -----
+
+/// A tunnel server on its own engine.
+struct Server {
+    engine: TestEngine,
+    stats: Arc<TunnelStats>,
+    /// Where agents dial.
+    link: SocketAddr,
+}
+
+fn server_config(toml: &str) -> TunnelServerConfig {
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("bad server config: {e}"));
+    config.tunnel_server[0].clone()
+}
+
+fn agent_config(toml: &str) -> TunnelAgentConfig {
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("bad agent config: {e}"));
+    config.tunnel_agent[0].clone()
+}
+
+/// Start a server from a `[[tunnel_server]]` TOML whose `listen` is port 0.
+fn start_server(toml: &str) -> Server {
+    let server = TunnelServer::new(&server_config(toml));
+    let stats = server.stats();
+    let (engine, _) = TestEngine::with_roles(EngineConfig::default(), vec![Box::new(server)]);
+    let link = engine.addrs[0];
+    Server {
+        engine,
+        stats,
+        link,
+    }
+}
+
+/// A server with one service `name` (with `token`, if any) and `extra`
+/// settings, listening on ports chosen by the system.
+fn start_simple_server(name: &str, token: Option<&str>, extra: &str) -> Server {
+    let token = token.map_or_else(String::new, |t| format!("token = \"{t}\"\n"));
+    start_server(&format!(
+        "[[tunnel_server]]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
+         [[tunnel_server.service]]\nname = \"{name}\"\npublic = \"127.0.0.1:0\"\n{token}"
+    ))
+}
+
+/// A tunnel agent on its own engine.
+struct Agent {
+    _engine: TestEngine,
+    stats: Arc<TunnelStats>,
+}
+
+fn start_agent(config: &TunnelAgentConfig) -> Agent {
+    let agent = TunnelAgent::new(config);
+    let stats = agent.stats();
+    let (engine, _) = TestEngine::with_roles(EngineConfig::default(), vec![Box::new(agent)]);
+    Agent {
+        _engine: engine,
+        stats,
+    }
+}
+
+/// An agent for service `name` of the server at `server`, streams to `local`.
+fn agent_toml(name: &str, server: SocketAddr, local: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[tunnel_agent]]\nname = \"{name}\"\nserver = \"{server}\"\nlocal = \"{local}\"\n{extra}\n"
+    )
+}
+
+/// Wait until the agent's link is up; returns the extension bits in force.
+fn wait_agent_up(agent: &Agent) -> u16 {
+    wait_for(
+        "the agent's link to come up",
+        WAIT,
+        || matches!(agent.stats.agent(), Some((AgentState::Up, _, _))),
+        || agent.stats.agent(),
+    );
+    agent.stats.agent().unwrap().2
+}
+
+/// Wait for `service`'s public port to open; returns it.
+fn wait_public(stats: &TunnelStats, service: &str) -> SocketAddr {
+    wait_for(
+        "the public port to open",
+        WAIT,
+        || stats.public_addr(service).is_some(),
+        || (),
+    );
+    stats.public_addr(service).unwrap()
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Wait until `c` reads `want`.
+fn wait_count(what: &str, c: &AtomicU64, want: u64) {
+    wait_for(what, WAIT, || load(c) == want, || load(c));
+}
+
+// ----- local services (std threads) -----
+
+/// A TCP service on its own threads: an accept loop that polls a stop flag,
+/// one thread per connection running `handler`. Dropping it stops accepting;
+/// connection threads end on their sockets' timeouts or EOF.
+struct LocalService {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LocalService {
+    fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> LocalService {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let (count, flag) = (Arc::clone(&accepted), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                        let h = Arc::clone(&handler);
+                        thread::spawn(move || h(s));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => panic!("local service accept: {e}"),
+                }
+            }
+        });
+        LocalService {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Echo every byte until EOF.
+    fn echo() -> LocalService {
+        LocalService::start(echo_handler)
+    }
+}
+
+impl Drop for LocalService {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().ok();
+        }
+    }
+}
+
+fn echo_handler(mut s: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ----- client sockets -----
+
+fn show(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+/// Read exactly `want.len()` bytes and compare.
+fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("expecting {:?}: {e}", show(want)));
+    assert_eq!(show(&got), show(want));
+}
+
+/// Connect to `public`, send `msg`, read it back (through an echo service).
+fn echo_round_trip(public: SocketAddr, msg: &[u8]) {
+    let mut c = connect(public);
+    c.write_all(msg).unwrap();
+    expect_bytes(&mut c, msg);
+}
+
+/// `clients` concurrent clients each send `bytes` of their own pattern to
+/// `public` (an echo service behind it) while reading the echo; all checked.
+fn pattern_clients(public: SocketAddr, clients: u64, bytes: u64) {
+    let threads: Vec<_> = (0..clients)
+        .map(|seed| {
+            thread::spawn(move || {
+                let c = connect(public);
+                let mut w = c.try_clone().unwrap();
+                let p = Pattern::new(seed);
+                let writer = thread::spawn(move || {
+                    let mut off = 0;
+                    while off < bytes {
+                        let chunk = p.chunk(off, 7000.min((bytes - off) as usize));
+                        w.write_all(chunk).unwrap();
+                        off += chunk.len() as u64;
+                    }
+                });
+                let mut r = c;
+                let mut off = 0u64;
+                let mut buf = vec![0u8; 32 * 1024];
+                while off < bytes {
+                    let n = r.read(&mut buf).unwrap();
+                    assert!(n > 0, "client {seed}: EOF after {off} bytes");
+                    p.check(off, &buf[..n])
+                        .unwrap_or_else(|at| panic!("client {seed}: wrong byte at {at}"));
+                    off += n as u64;
+                }
+                writer.join().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// The peer closes `s` within `limit` (EOF or reset), with nothing before the close.
+fn expect_closed_within(s: &mut TcpStream, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "connection not closed within {limit:?}");
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => panic!("expected a close, read {:?}", show(&buf[..n])),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => panic!("connection not closed within {limit:?}"),
+            Err(e) => panic!("expected a close: {e}"),
+        }
+    }
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+fn expect_closed(s: &mut TcpStream) {
+    expect_closed_within(s, AT_ONCE);
+}
+
+/// Nothing arrives on `s` for [`QUIET`], and it stays open.
+fn expect_quiet(s: &mut TcpStream) {
+    s.set_read_timeout(Some(QUIET)).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Err(e) if is_timeout(&e) => {}
+        Ok(0) => panic!("expected silence, got a close"),
+        Ok(n) => panic!("expected silence, got {:?}", show(&buf[..n])),
+        Err(e) => panic!("expected silence: {e}"),
+    }
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+// ----- raw frames -----
+
+fn frame(command: Command, id: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = header(command, id, payload.len()).unwrap().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+fn send_frame(s: &mut TcpStream, command: Command, id: u8, payload: &[u8]) {
+    s.write_all(&frame(command, id, payload))
+        .unwrap_or_else(|e| panic!("sending {command:?} id {id}: {e}"));
+}
+
+/// The next frame, or `None` if the peer closed the link (EOF or reset) at a
+/// frame boundary. Fails the test on a timeout or a close inside a frame.
+fn recv_frame(s: &mut TcpStream) -> Option<(Command, u8, Vec<u8>)> {
+    let mut head = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match s.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return None,
+            Ok(0) => panic!("link closed inside a frame header"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && got == 0 => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading a frame header: {e}"),
+        }
+    }
+    let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload)
+        .unwrap_or_else(|e| panic!("reading a {len}-byte payload: {e}"));
+    Some((Command::from_u8(head[2]), head[3], payload))
+}
+
+/// The next frame must be `command` for `id`; returns its payload.
+fn expect_frame(s: &mut TcpStream, command: Command, id: u8) -> Vec<u8> {
+    match recv_frame(s) {
+        Some((c, i, p)) if c == command && i == id => p,
+        Some((c, i, p)) => {
+            panic!(
+                "expected {command:?} id {id}, got {c:?} id {i} {:?}",
+                show(&p)
+            )
+        }
+        None => panic!("expected {command:?} id {id}, the link was closed"),
+    }
+}
+
+/// The next frame must be a CONNECT; returns its id and payload.
+fn expect_connect(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    match recv_frame(s) {
+        Some((Command::Connect, id, p)) => (id, p),
+        other => panic!("expected CONNECT, got {other:?}"),
+    }
+}
+
+/// Read DATA frames for `id` until `want.len()` bytes came; compare.
+fn expect_data(s: &mut TcpStream, id: u8, want: &[u8]) {
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        got.extend(expect_frame(s, Command::Data, id));
+    }
+    assert_eq!(show(&got), show(want));
+}
+
+/// The peer closes the link within `AT_ONCE`, with no frame before.
+fn expect_link_closed(s: &mut TcpStream) {
+    s.set_read_timeout(Some(AT_ONCE)).unwrap();
+    if let Some(f) = recv_frame(s) {
+        panic!("expected the link to be closed, got {f:?}");
+    }
+}
+
+fn listen_payload(flags: u16, window: u32, nonce: [u8; NONCE_LEN], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    ListenRequest {
+        flags,
+        window,
+        nonce,
+        name,
+    }
+    .encode(&mut p)
+    .unwrap();
+    p
+}
+
+/// Tag per PROTOCOL.md §4.1: HMAC(token, label || first || second || flags || name).
+fn tag(
+    token: &[u8],
+    label: &[u8],
+    first: &[u8],
+    second: &[u8],
+    flags: u16,
+    name: &[u8],
+) -> Vec<u8> {
+    let mut m = HmacSha256::new_from_slice(token).unwrap();
+    m.update(label);
+    m.update(first);
+    m.update(second);
+    m.update(&flags.to_be_bytes());
+    m.update(name);
+    m.finalize().into_bytes().to_vec()
+}
+
+fn agent_tag(token: &[u8], na: &[u8], ns: &[u8], flags: u16, name: &[u8]) -> Vec<u8> {
+    tag(token, b"switchboard-tunnel-v1 agent", na, ns, flags, name)
+}
+
+fn server_tag(token: &[u8], na: &[u8], ns: &[u8], flags: u16, name: &[u8]) -> Vec<u8> {
+    tag(token, b"switchboard-tunnel-v1 server", ns, na, flags, name)
+}
+
+/// Send an extension request; read and parse the HELLO.
+fn hand_listen(s: &mut TcpStream, flags: u16, nonce: [u8; NONCE_LEN], name: &[u8]) -> Hello {
+    send_frame(
+        s,
+        Command::Listen,
+        0,
+        &listen_payload(flags, 65536, nonce, name),
+    );
+    let p = expect_frame(s, Command::Hello, 0);
+    Hello::parse(&p).unwrap_or_else(|| panic!("malformed HELLO {:?}", show(&p)))
+}
+
+/// The next frame must be REJECT with `reason`, then the link closes.
+fn expect_reject(s: &mut TcpStream, reason: u8) {
+    let p = expect_frame(s, Command::Reject, 0);
+    assert_eq!(p.first(), Some(&reason), "REJECT {:?}", show(&p));
+    expect_link_closed(s);
+}
+
+/// A server written here: listens, accepts the agent's link.
+fn accept_link(listener: &TcpListener) -> TcpStream {
+    let s = accept_within(listener, WAIT);
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+// ===== 1. our server + our agent =====
+
+#[test]
+fn extended_with_token_round_trips_sequential_and_concurrent_clients() {
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", Some("s3cret"), "");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"s3cret\"",
+    )));
+    assert_eq!(wait_agent_up(&agent), ext::ALL, "every extension granted");
+    assert_eq!(ext::ALL, 0x3f);
+    let public = wait_public(&server.stats, "svc");
+    assert!(server.stats.agent_addr("svc").is_some());
+    assert_eq!(load(&server.stats.links), 1);
+
+    for i in 0..3 {
+        echo_round_trip(public, format!("hello {i}").as_bytes());
+    }
+
+    const CLIENTS: u64 = 8;
+    pattern_clients(public, CLIENTS, 300 * 1024);
+    assert_eq!(load(&server.stats.streams_total), 3 + CLIENTS);
+    wait_count("server streams back to 0", &server.stats.streams, 0);
+    wait_count("agent streams back to 0", &agent.stats.streams, 0);
+    assert_eq!(load(&agent.stats.streams_total), 3 + CLIENTS);
+    assert_eq!(load(&server.stats.credit_violations_total), 0);
+    assert_eq!(load(&agent.stats.credit_violations_total), 0);
+    assert_eq!(load(&server.stats.malformed_total), 0);
+    assert_eq!(load(&agent.stats.malformed_total), 0);
+    assert_eq!(load(&server.stats.stale_total), 0);
+    assert_eq!(load(&agent.stats.stale_total), 0);
+    // The link survives all that.
+    echo_round_trip(public, b"still there");
+}
+
+// ===== 2. our server + a base-protocol agent written here =====
+
+#[test]
+fn base_agent_written_here_carries_streams() {
+    let server = start_simple_server("open", None, "");
+    let mut link = connect(server.link);
+    send_frame(&mut link, Command::Listen, 0, &[]);
+    let public = wait_public(&server.stats, "open");
+    assert_eq!(load(&server.stats.links), 1);
+
+    // Client bytes arrive as DATA; the agent's DATA reaches the client.
+    let mut client = connect(public);
+    let (id, payload) = expect_connect(&mut link);
+    assert!(payload.is_empty(), "base CONNECT carries no payload");
+    client.write_all(b"GET /").unwrap();
+    expect_data(&mut link, id, b"GET /");
+    send_frame(&mut link, Command::Data, id, b"200 OK");
+    expect_bytes(&mut client, b"200 OK");
+    wait_count("one stream", &server.stats.streams, 1);
+
+    // The client closes: CLOSE for its id (and nothing is expected back).
+    drop(client);
+    expect_frame(&mut link, Command::Close, id);
+    wait_count("no streams", &server.stats.streams, 0);
+
+    // The agent closes: the client reads what was sent, then EOF.
+    let mut client = connect(public);
+    let (id2, _) = expect_connect(&mut link);
+    assert_eq!(id2, id.wrapping_add(1), "ids are given in rotation");
+    client.write_all(b"hi").unwrap();
+    expect_data(&mut link, id2, b"hi");
+    send_frame(&mut link, Command::Data, id2, b"bye");
+    send_frame(&mut link, Command::Close, id2, &[]);
+    expect_bytes(&mut client, b"bye");
+    expect_closed(&mut client);
+    wait_count("no streams", &server.stats.streams, 0);
+    // The server does not answer a base agent's CLOSE.
+    expect_quiet(&mut link);
+
+    // The link going down closes the public port.
+    drop(link);
+    wait_for(
+        "the public port to close",
+        WAIT,
+        || server.stats.public_addr("open").is_none(),
+        || (),
+    );
+    wait_count("no links", &server.stats.links, 0);
+    assert!(
+        TcpStream::connect(public).is_err(),
+        "public port still open"
+    );
+}
+
+#[test]
+fn service_with_token_refuses_an_empty_listen() {
+    let server = start_simple_server("locked", Some("s3cret"), "");
+    let mut link = connect(server.link);
+    send_frame(&mut link, Command::Listen, 0, &[]);
+    // A base agent understands no REJECT: the link is just closed.
+    expect_link_closed(&mut link);
+    assert_eq!(load(&server.stats.rejected_total), 1);
+    assert_eq!(server.stats.public_addr("locked"), None);
+    assert_eq!(load(&server.stats.links), 0);
+}
+
+// ===== 3. our agent + a base-protocol server written here =====
+
+/// A local service that echoes, and closes after echoing a read that
+/// contains "bye"; counts the EOFs it reads.
+fn echo_until_bye(eofs: Arc<AtomicU64>) -> LocalService {
+    LocalService::start(move |mut s| {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    eofs.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    if buf[..n].windows(3).any(|w| w == b"bye") {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn agent_talks_to_a_base_server_written_here() {
+    let eofs = Arc::new(AtomicU64::new(0));
+    let service = echo_until_bye(Arc::clone(&eofs));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "dev1",
+        listener.local_addr().unwrap(),
+        service.addr,
+        "",
+    )));
+    let mut link = accept_link(&listener);
+
+    // The agent asks for extensions; a base server ignores the payload.
+    let p = expect_frame(&mut link, Command::Listen, 0);
+    let req = ListenRequest::parse(&p).expect("a well-formed extension request");
+    assert_eq!(req.flags, ext::ALL & !ext::AUTH, "no token: no AUTH asked");
+    assert_eq!(req.name, b"dev1");
+
+    // CONNECT first (no HELLO): the agent carries on in base mode.
+    send_frame(&mut link, Command::Connect, 7, &[]);
+    send_frame(&mut link, Command::Data, 7, b"ping");
+    expect_data(&mut link, 7, b"ping");
+    assert_eq!(wait_agent_up(&agent), 0, "base mode: no extensions");
+    assert_eq!(load(&agent.stats.streams), 1);
+
+    // Server → agent CLOSE: the local socket is closed (the service reads
+    // EOF); in base mode nothing comes back.
+    send_frame(&mut link, Command::Close, 7, &[]);
+    wait_count("the local service to read EOF", &eofs, 1);
+    wait_count("no streams", &agent.stats.streams, 0);
+    expect_quiet(&mut link);
+
+    // Agent → server CLOSE: the local service closes after "bye".
+    send_frame(&mut link, Command::Connect, 8, &[]);
+    send_frame(&mut link, Command::Data, 8, b"bye");
+    expect_data(&mut link, 8, b"bye");
+    expect_frame(&mut link, Command::Close, 8);
+    wait_count("no streams", &agent.stats.streams, 0);
+    assert_eq!(load(&agent.stats.streams_total), 2);
+    assert_eq!(load(&agent.stats.stale_total), 0);
+    assert_eq!(load(&agent.stats.malformed_total), 0);
+    // In base mode the server does not answer the agent's CLOSE either: the id
+    // is free at once, and a new CONNECT for it works.
+    send_frame(&mut link, Command::Connect, 8, &[]);
+    send_frame(&mut link, Command::Data, 8, b"again");
+    expect_data(&mut link, 8, b"again");
+    assert_eq!(load(&service.accepted), 3);
+}
+
+#[test]
+fn agent_with_token_refuses_a_base_server() {
+    let service = LocalService::echo();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "dev1",
+        listener.local_addr().unwrap(),
+        service.addr,
+        "token = \"s3cret\"",
+    )));
+    let mut link = accept_link(&listener);
+    let p = expect_frame(&mut link, Command::Listen, 0);
+    let req = ListenRequest::parse(&p).unwrap();
+    assert_ne!(req.flags & ext::AUTH, 0, "a token: AUTH asked for");
+    send_frame(&mut link, Command::Connect, 1, &[]);
+    expect_link_closed(&mut link);
+    assert_eq!(load(&service.accepted), 0, "no stream was opened");
+    assert_eq!(load(&agent.stats.links_total), 0);
+    assert_ne!(agent.stats.agent().unwrap().0, AgentState::Up);
+}
+
+// ===== 4. authentication =====
+
+#[test]
+fn wrong_token_is_rejected_by_hand() {
+    let server = start_simple_server("svc", Some("right"), "");
+    let mut link = connect(server.link);
+    let na = [0x11; NONCE_LEN];
+    let hello = hand_listen(&mut link, ext::AUTH | ext::CLOSE_ACK, na, b"svc");
+    assert_eq!(hello.flags, ext::AUTH | ext::CLOSE_ACK);
+    let bad = agent_tag(b"wrong", &na, &hello.nonce, hello.flags, b"svc");
+    send_frame(&mut link, Command::Auth, 0, &bad);
+    expect_reject(&mut link, reject::AUTH_FAILED);
+    assert_eq!(load(&server.stats.auth_failed_total), 1);
+    assert_eq!(load(&server.stats.rejected_total), 1);
+    assert_eq!(server.stats.public_addr("svc"), None);
+    assert_eq!(load(&server.stats.links), 0);
+}
+
+#[test]
+fn agent_with_wrong_token_gets_auth_failed() {
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", Some("right"), "");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"wrong\"\nreconnect_min = \"30s\"",
+    )));
+    wait_count(
+        "the server's AUTH failure",
+        &server.stats.auth_failed_total,
+        1,
+    );
+    wait_count(
+        "the agent's AUTH failure",
+        &agent.stats.auth_failed_total,
+        1,
+    );
+    wait_for(
+        "the agent to wait for its next attempt",
+        WAIT,
+        || matches!(agent.stats.agent(), Some((AgentState::Waiting, _, _))),
+        || agent.stats.agent(),
+    );
+    assert_eq!(load(&agent.stats.rejected_total), 1);
+    assert_eq!(server.stats.public_addr("svc"), None);
+    assert_eq!(load(&agent.stats.links_total), 0);
+}
+
+/// `TunnelStats::agent()` promises "the last error"; `fail()` records why the
+/// link was dropped (REJECT reason, base server, bad READY tag) but the
+/// `on_closed` that follows replaces it with a generic "link failed".
+#[test]
+fn agent_reports_why_its_link_was_refused() {
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", Some("right"), "");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"wrong\"\nreconnect_min = \"30s\"",
+    )));
+    wait_count(
+        "the agent's AUTH failure",
+        &agent.stats.auth_failed_total,
+        1,
+    );
+    wait_for(
+        "the agent to report the rejection",
+        WAIT,
+        || {
+            agent.stats.agent().is_some_and(|(s, why, _)| {
+                s == AgentState::Waiting && why.contains("authentication failed")
+            })
+        },
+        || agent.stats.agent(),
+    );
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "dev1",
+        listener.local_addr().unwrap(),
+        service.addr,
+        "token = \"s3cret\"\nreconnect_min = \"30s\"",
+    )));
+    let mut link = accept_link(&listener);
+    expect_frame(&mut link, Command::Listen, 0);
+    send_frame(&mut link, Command::Connect, 1, &[]);
+    expect_link_closed(&mut link);
+    wait_for(
+        "the agent to report the base server",
+        WAIT,
+        || {
+            agent
+                .stats
+                .agent()
+                .is_some_and(|(_, why, _)| why.contains("base protocol"))
+        },
+        || agent.stats.agent(),
+    );
+}
+
+#[test]
+fn replayed_handshake_is_rejected_and_ready_tag_verifies() {
+    let token = b"s3cret";
+    let name = b"svc";
+    let server = start_simple_server("svc", Some("s3cret"), "");
+
+    // A correct handshake by hand, recording what the agent sends.
+    let mut link = connect(server.link);
+    let na = [0x42; NONCE_LEN];
+    let flags = ext::AUTH | ext::CLOSE_ACK;
+    let listen = frame(Command::Listen, 0, &listen_payload(flags, 65536, na, name));
+    link.write_all(&listen).unwrap();
+    let hello = Hello::parse(&expect_frame(&mut link, Command::Hello, 0)).unwrap();
+    assert_eq!(hello.flags, flags);
+    let auth = frame(
+        Command::Auth,
+        0,
+        &agent_tag(token, &na, &hello.nonce, hello.flags, name),
+    );
+    link.write_all(&auth).unwrap();
+    let ready = expect_frame(&mut link, Command::Ready, 0);
+    assert_eq!(ready.len(), MAC_LEN);
+    assert_eq!(
+        ready,
+        server_tag(token, &na, &hello.nonce, hello.flags, name),
+        "READY carries the server's tag"
+    );
+    assert_ne!(
+        ready,
+        server_tag(b"other", &na, &hello.nonce, hello.flags, name)
+    );
+    let public = wait_public(&server.stats, "svc");
+
+    // The same bytes on a new link: a fresh challenge, so the AUTH is worthless.
+    let mut replay = connect(server.link);
+    replay.write_all(&listen).unwrap();
+    let hello2 = Hello::parse(&expect_frame(&mut replay, Command::Hello, 0)).unwrap();
+    assert_ne!(
+        hello2.nonce, hello.nonce,
+        "the server nonce is fresh per link"
+    );
+    replay.write_all(&auth).unwrap();
+    expect_reject(&mut replay, reject::AUTH_FAILED);
+    assert_eq!(load(&server.stats.auth_failed_total), 1);
+
+    // The genuine link still holds the service.
+    assert_eq!(server.stats.public_addr("svc"), Some(public));
+    assert_eq!(load(&server.stats.links), 1);
+    let mut client = connect(public);
+    let (id, p) = expect_connect(&mut link);
+    assert!(p.is_empty(), "no PEER_ADDR asked for");
+    client.write_all(b"x").unwrap();
+    expect_data(&mut link, id, b"x");
+}
+
+// ===== 5. malformed and hostile links =====
+
+#[test]
+fn malformed_and_hostile_links() {
+    let server = start_simple_server("open", None, "max_frame = 200");
+
+    // A good extended link (no extensions asked for).
+    let mut good = connect(server.link);
+    let hello = hand_listen(&mut good, 0, [1; NONCE_LEN], b"open");
+    assert_eq!(hello.flags, 0);
+    assert_eq!(expect_frame(&mut good, Command::Ready, 0), b"");
+    let public = wait_public(&server.stats, "open");
+
+    // An unknown command after the handshake: ignored and counted.
+    send_frame(&mut good, Command::Unknown(99), 0, b"whatever");
+    wait_count("unknown_total", &server.stats.unknown_total, 1);
+    // DATA for an id with no stream: dropped and counted.
+    send_frame(&mut good, Command::Data, 42, b"nobody");
+    wait_count("stale_total", &server.stats.stale_total, 1);
+    // A second LISTEN on a link: ignored and counted.
+    send_frame(&mut good, Command::Listen, 0, &[]);
+    wait_count("malformed_total", &server.stats.malformed_total, 1);
+    expect_quiet(&mut good);
+
+    // LISTEN with a garbage payload: REJECT MALFORMED, link closed.
+    let mut bad = connect(server.link);
+    send_frame(&mut bad, Command::Listen, 0, b"garbage that is no request");
+    expect_reject(&mut bad, reject::MALFORMED);
+
+    // A frame larger than max_frame: the link is closed (on the header alone).
+    let mut big = connect(server.link);
+    big.write_all(&[0, 201, Command::Data.to_u8(), 0]).unwrap();
+    expect_link_closed(&mut big);
+    let mut big = connect(server.link);
+    send_frame(&mut big, Command::Listen, 0, &[b'x'; 201]);
+    expect_link_closed(&mut big);
+
+    // A truncated frame, then EOF.
+    let mut cut = connect(server.link);
+    cut.write_all(&[0, 10, Command::Listen.to_u8(), 0, 1, 2])
+        .unwrap();
+    cut.shutdown(Shutdown::Write).unwrap();
+    expect_link_closed(&mut cut);
+    drop(cut);
+    // Just a partial header.
+    let mut cut = connect(server.link);
+    cut.write_all(&[0]).unwrap();
+    drop(cut);
+
+    // The engine keeps serving: the good link still carries a client.
+    assert_eq!(server.stats.public_addr("open"), Some(public));
+    let mut client = connect(public);
+    let (id, _) = expect_connect(&mut good);
+    client.write_all(b"still").unwrap();
+    expect_data(&mut good, id, b"still");
+    send_frame(&mut good, Command::Data, id, b"alive");
+    expect_bytes(&mut client, b"alive");
+    assert_eq!(load(&server.stats.links), 1);
+    assert_eq!(load(&server.stats.unknown_total), 1);
+    assert_eq!(load(&server.stats.stale_total), 1);
+    // New links are still handled: an unknown service is refused properly.
+    let mut other = connect(server.link);
+    send_frame(
+        &mut other,
+        Command::Listen,
+        0,
+        &listen_payload(0, 65536, [2; NONCE_LEN], b"nope"),
+    );
+    expect_reject(&mut other, reject::UNKNOWN_SERVICE);
+    assert_eq!(load(&server.stats.links), 1);
+}
+
+// ===== 6. the agent's allowlist =====
+
+#[test]
+fn agent_refuses_targets_off_its_allowlist() {
+    let local = LocalService::echo();
+    // A second service, reachable only when named and allowed.
+    let other = LocalService::start(|mut s| {
+        let mut buf = [0u8; 256];
+        if let Ok(n) = s.read(&mut buf) {
+            let mut reply = b"other:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            s.write_all(&reply).ok();
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "",
+        listener.local_addr().unwrap(),
+        local.addr,
+        &format!(
+            "extensions = false\nallow = [\"{}\", \"{}\"]",
+            local.addr, other.addr
+        ),
+    )));
+    let mut link = accept_link(&listener);
+    // extensions = false: a plain base LISTEN.
+    assert_eq!(expect_frame(&mut link, Command::Listen, 0), b"");
+    wait_agent_up(&agent);
+
+    // Not on the allowlist: answered with CLOSE, nothing dialled.
+    send_frame(&mut link, Command::Connect, 3, b"127.0.0.1:1");
+    expect_frame(&mut link, Command::Close, 3);
+    assert_eq!(load(&agent.stats.refused_total), 1);
+    // Not an address at all.
+    send_frame(&mut link, Command::Connect, 4, b"localhost:22");
+    expect_frame(&mut link, Command::Close, 4);
+    assert_eq!(load(&agent.stats.refused_total), 2);
+    assert_eq!(load(&agent.stats.streams_total), 0);
+
+    // An allowed explicit target.
+    send_frame(
+        &mut link,
+        Command::Connect,
+        5,
+        other.addr.to_string().as_bytes(),
+    );
+    send_frame(&mut link, Command::Data, 5, b"hi");
+    expect_data(&mut link, 5, b"other:hi");
+    expect_frame(&mut link, Command::Close, 5);
+    // The local service, named explicitly, and by an empty target.
+    send_frame(
+        &mut link,
+        Command::Connect,
+        6,
+        local.addr.to_string().as_bytes(),
+    );
+    send_frame(&mut link, Command::Data, 6, b"named");
+    expect_data(&mut link, 6, b"named");
+    send_frame(&mut link, Command::Connect, 3, &[]);
+    send_frame(&mut link, Command::Data, 3, b"default");
+    expect_data(&mut link, 3, b"default");
+    assert_eq!(load(&agent.stats.refused_total), 2);
+    assert_eq!(load(&other.accepted), 1);
+    assert_eq!(load(&local.accepted), 2);
+}
+
+// ===== 7. half-close =====
+
+#[test]
+fn half_close_delivers_the_reply_after_the_request_ends() {
+    // Reads the whole request (until EOF), then answers and closes.
+    let service = LocalService::start(|mut s| {
+        let mut request = Vec::new();
+        if s.read_to_end(&mut request).is_ok() {
+            let reply = format!("got {} bytes: {}", request.len(), show(&request));
+            s.write_all(reply.as_bytes()).ok();
+        }
+    });
+    let server = start_simple_server("svc", Some("s3cret"), "");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"s3cret\"",
+    )));
+    assert_ne!(wait_agent_up(&agent) & ext::HALF_CLOSE, 0);
+    let public = wait_public(&server.stats, "svc");
+
+    for round in 0..2 {
+        let mut c = connect(public);
+        let request = format!("request {round}");
+        c.write_all(request.as_bytes()).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let reply = util::read_to_eof(&mut c, 1024);
+        assert_eq!(
+            show(&reply),
+            format!("got {} bytes: {request}", request.len())
+        );
+    }
+    wait_count("server streams back to 0", &server.stats.streams, 0);
+    wait_count("agent streams back to 0", &agent.stats.streams, 0);
+    assert_eq!(load(&server.stats.stale_total), 0);
+    assert_eq!(load(&agent.stats.stale_total), 0);
+}
+
+// ===== 8. max_streams =====
+
+#[test]
+fn server_max_streams_refuses_the_extra_client() {
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", None, "max_streams = 2");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "",
+    )));
+    wait_agent_up(&agent);
+    let public = wait_public(&server.stats, "svc");
+
+    let mut a = connect(public);
+    a.write_all(b"a").unwrap();
+    expect_bytes(&mut a, b"a");
+    let mut b = connect(public);
+    b.write_all(b"b").unwrap();
+    expect_bytes(&mut b, b"b");
+    assert_eq!(load(&server.stats.streams), 2);
+
+    let mut c = connect(public);
+    expect_closed(&mut c);
+    assert_eq!(load(&server.stats.refused_total), 1);
+    assert_eq!(load(&server.stats.streams_total), 2);
+
+    drop(a);
+    wait_count("one stream left", &server.stats.streams, 1);
+    let mut d = connect(public);
+    d.write_all(b"d").unwrap();
+    expect_bytes(&mut d, b"d");
+    // b is unaffected.
+    b.write_all(b"b2").unwrap();
+    expect_bytes(&mut b, b"b2");
+    assert_eq!(load(&server.stats.refused_total), 1);
+}
+
+// ===== 9. takeover =====
+
+#[test]
+fn second_agent_takes_the_service_over() {
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", Some("s3cret"), "");
+    // The first agent waits long before redialling, so it does not take
+    // the service back during the test.
+    let first = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"s3cret\"\nreconnect_min = \"30s\"\nreconnect_max = \"60s\"",
+    )));
+    wait_agent_up(&first);
+    let public = wait_public(&server.stats, "svc");
+    let first_agent_addr = server.stats.agent_addr("svc").unwrap();
+    let mut old_client = connect(public);
+    old_client.write_all(b"old").unwrap();
+    expect_bytes(&mut old_client, b"old");
+
+    let second = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"s3cret\"",
+    )));
+    wait_agent_up(&second);
+    wait_count(
+        "the first link to be dropped",
+        &first.stats.reconnects_total,
+        1,
+    );
+    wait_for(
+        "the service to name the second agent",
+        WAIT,
+        || {
+            server
+                .stats
+                .agent_addr("svc")
+                .is_some_and(|a| a != first_agent_addr)
+        },
+        || server.stats.agent_addr("svc"),
+    );
+    assert_eq!(first.stats.agent().unwrap().0, AgentState::Waiting);
+    // The old link's client went with it.
+    expect_closed(&mut old_client);
+
+    // The public port stayed where it was, and the second agent serves it.
+    assert_eq!(server.stats.public_addr("svc"), Some(public));
+    assert_eq!(load(&server.stats.links), 1);
+    assert_eq!(load(&server.stats.links_total), 2);
+    let first_streams = load(&first.stats.streams_total);
+    for i in 0..3 {
+        echo_round_trip(public, format!("new {i}").as_bytes());
+    }
+    assert_eq!(load(&second.stats.streams_total), 3);
+    assert_eq!(load(&first.stats.streams_total), first_streams);
+    wait_count("first agent: no streams", &first.stats.streams, 0);
+}
+
+// ===== 10. PEER_ADDR, by an extended agent written here =====
+
+#[test]
+fn peer_addr_reaches_an_extended_agent() {
+    let server = start_simple_server("open", None, "");
+    let mut link = connect(server.link);
+    let asked = ext::PEER_ADDR | ext::CLOSE_ACK;
+    let hello = hand_listen(&mut link, asked, [7; NONCE_LEN], b"");
+    assert_eq!(
+        hello.flags, asked,
+        "granted what was asked (no AUTH: no token)"
+    );
+    assert_eq!(expect_frame(&mut link, Command::Ready, 0), b"");
+    let public = wait_public(&server.stats, "open");
+
+    let mut client = connect(public);
+    let (id, payload) = expect_connect(&mut link);
+    let (peer, target) = parse_peer(&payload).expect("a PEER_ADDR CONNECT");
+    assert_eq!(peer, client.local_addr().unwrap());
+    assert!(target.is_empty(), "no target: the agent's local service");
+    client.write_all(b"q").unwrap();
+    expect_data(&mut link, id, b"q");
+    send_frame(&mut link, Command::Data, id, b"a");
+    expect_bytes(&mut client, b"a");
+
+    // CLOSE_ACK: the server's CLOSE is answered, and frees the id.
+    drop(client);
+    expect_frame(&mut link, Command::Close, id);
+    send_frame(&mut link, Command::Close, id, &[]);
+    wait_count("no streams", &server.stats.streams, 0);
+    let client2 = connect(public);
+    let (id2, payload) = expect_connect(&mut link);
+    assert_eq!(
+        parse_peer(&payload).map(|(p, _)| p),
+        Some(client2.local_addr().unwrap())
+    );
+    assert_ne!(id2, id);
+    assert_eq!(load(&server.stats.stale_total), 0);
+    assert_eq!(load(&server.stats.malformed_total), 0);
+}
+
+// ===== more edges =====
+
+#[test]
+fn agent_answers_close_when_the_local_service_is_down() {
+    // A port where nothing listens (bound a moment ago, then released).
+    let dead = SocketAddr::from(([127, 0, 0, 1], util::free_port()));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "",
+        listener.local_addr().unwrap(),
+        dead,
+        "extensions = false",
+    )));
+    let mut link = accept_link(&listener);
+    assert_eq!(expect_frame(&mut link, Command::Listen, 0), b"");
+    send_frame(&mut link, Command::Connect, 9, &[]);
+    send_frame(&mut link, Command::Data, 9, b"into the void");
+    expect_frame(&mut link, Command::Close, 9);
+    wait_count("no streams", &agent.stats.streams, 0);
+    // The link is fine: the id can be used again.
+    send_frame(&mut link, Command::Connect, 9, &[]);
+    expect_frame(&mut link, Command::Close, 9);
+    expect_quiet(&mut link);
+}
+
+#[test]
+fn agent_counts_failed_local_connects_as_refused() {
+    let dead = SocketAddr::from(([127, 0, 0, 1], util::free_port()));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "",
+        listener.local_addr().unwrap(),
+        dead,
+        "extensions = false",
+    )));
+    let mut link = accept_link(&listener);
+    expect_frame(&mut link, Command::Listen, 0);
+    send_frame(&mut link, Command::Connect, 9, &[]);
+    expect_frame(&mut link, Command::Close, 9);
+    wait_count("refused_total", &agent.stats.refused_total, 1);
+}
+
+#[test]
+fn credit_above_u32_closes_the_link() {
+    let server = start_simple_server("open", None, "");
+    let mut link = connect(server.link);
+    let asked = ext::CREDIT | ext::CLOSE_ACK;
+    let hello = hand_listen(&mut link, asked, [5; NONCE_LEN], b"open");
+    assert_eq!(hello.flags, asked);
+    assert_eq!(expect_frame(&mut link, Command::Ready, 0), b"");
+    let public = wait_public(&server.stats, "open");
+    let mut client = connect(public);
+    let (id, _) = expect_connect(&mut link);
+    // Within the window the server grants: delivered.
+    send_frame(&mut link, Command::Data, id, b"ok");
+    expect_bytes(&mut client, b"ok");
+    // 65536 (our window) + u32::MAX: above 2^32 - 1.
+    send_frame(&mut link, Command::Window, id, &u32::MAX.to_be_bytes());
+    expect_link_closed(&mut link);
+    expect_closed(&mut client);
+    wait_for(
+        "the public port to close",
+        WAIT,
+        || server.stats.public_addr("open").is_none(),
+        || (),
+    );
+    assert_eq!(load(&server.stats.streams), 0);
+}
+
+#[test]
+fn base_mode_end_to_end() {
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", None, "");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "extensions = false",
+    )));
+    assert_eq!(wait_agent_up(&agent), 0);
+    let public = wait_public(&server.stats, "svc");
+    echo_round_trip(public, b"base");
+    pattern_clients(public, 4, 512 * 1024);
+    wait_count("server streams back to 0", &server.stats.streams, 0);
+    wait_count("agent streams back to 0", &agent.stats.streams, 0);
+    assert_eq!(load(&server.stats.streams_total), 5);
+    assert_eq!(load(&server.stats.stalled_total), 0);
+    assert_eq!(load(&agent.stats.stalled_total), 0);
+}
+
+#[test]
+fn half_close_the_other_way() {
+    // The service speaks first, ends its side, then reads the client's
+    // request to EOF and hands it to the test.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let service = LocalService::start(move |mut s| {
+        s.write_all(b"banner").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut request = Vec::new();
+        if s.read_to_end(&mut request).is_ok() {
+            tx.lock().unwrap().send(request).ok();
+        }
+    });
+    let server = start_simple_server("svc", None, "");
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "",
+    )));
+    assert_ne!(wait_agent_up(&agent) & ext::HALF_CLOSE, 0);
+    let public = wait_public(&server.stats, "svc");
+
+    let mut c = connect(public);
+    assert_eq!(util::read_to_eof(&mut c, 1024), b"banner");
+    // The client's side is still open after the service's EOF.
+    c.write_all(b"late request").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = rx
+        .recv_timeout(WAIT)
+        .expect("the service to get the request");
+    assert_eq!(show(&got), "late request");
+    wait_count("server streams back to 0", &server.stats.streams, 0);
+    wait_count("agent streams back to 0", &agent.stats.streams, 0);
+}
+
+#[test]
+fn credit_keeps_a_stalled_stream_from_blocking_the_others() {
+    // Echo, except for a connection that starts with "SINK": that one is
+    // never read (until the test ends), so its stream runs out of credit.
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    let service = LocalService::start(move |mut s| {
+        let mut buf = [0u8; 16 * 1024];
+        let Ok(n) = s.read(&mut buf) else { return };
+        if buf[..n].starts_with(b"SINK") {
+            let until = Instant::now() + WAIT;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < until {
+                thread::sleep(Duration::from_millis(5));
+            }
+            return;
+        }
+        if s.write_all(&buf[..n]).is_ok() {
+            echo_handler(s);
+        }
+    });
+    let small = "window = 16384\nmax_data = 16384";
+    let server = start_simple_server("svc", None, small);
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        small,
+    )));
+    assert_ne!(wait_agent_up(&agent) & ext::CREDIT, 0);
+    let public = wait_public(&server.stats, "svc");
+
+    // A client whose service does not read: it writes until TCP stops it.
+    let slow = connect(public);
+    let written = Arc::new(AtomicU64::new(0));
+    let mut w = slow.try_clone().unwrap();
+    let count = Arc::clone(&written);
+    let writer = thread::spawn(move || {
+        let mut chunk = [b's'; 16 * 1024];
+        chunk[..4].copy_from_slice(b"SINK");
+        while count.load(Ordering::Relaxed) < 256 << 20 {
+            match w.write(&chunk) {
+                Ok(n) => {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    // Wait until it is stuck: no progress for a while.
+    let mut last = u64::MAX;
+    wait_for(
+        "the slow client to be stuck",
+        WAIT,
+        || {
+            thread::sleep(Duration::from_millis(150));
+            let now = load(&written);
+            let stuck = now == last && now > 0;
+            last = now;
+            stuck
+        },
+        || load(&written),
+    );
+
+    // Other streams go on.
+    let t0 = Instant::now();
+    for i in 0..5 {
+        echo_round_trip(public, format!("fast {i}").as_bytes());
+    }
+    pattern_clients(public, 2, 256 * 1024);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "other streams were held up for {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(load(&server.stats.credit_violations_total), 0);
+    assert_eq!(load(&agent.stats.credit_violations_total), 0);
+    slow.shutdown(Shutdown::Both).ok();
+    drop(slow);
+    writer.join().unwrap();
+    done.store(true, Ordering::Relaxed);
+    wait_count("server streams back to 0", &server.stats.streams, 0);
+}
+
+#[test]
+fn base_mode_closes_a_stream_that_stalls_the_link() {
+    let server = start_simple_server(
+        "open",
+        None,
+        "window = 16384\nmax_data = 16384\nstall_timeout = \"300ms\"",
+    );
+    let mut link = connect(server.link);
+    send_frame(&mut link, Command::Listen, 0, &[]);
+    let public = wait_public(&server.stats, "open");
+
+    // A client that never reads; the base agent floods it with more than
+    // the kernel can absorb on the way.
+    let mut slow = util::connect_with_recv_buffer(public, 4096);
+    let (id, _) = expect_connect(&mut link);
+    let mut w = link.try_clone().unwrap();
+    let frames = (util::kernel_send_buffer_max() + (2 << 20)) / (16 * 1024);
+    let flood = thread::spawn(move || {
+        let data = frame(Command::Data, id, &[b'f'; 16 * 1024]);
+        for _ in 0..frames {
+            if w.write_all(&data).is_err() {
+                return;
+            }
+        }
+    });
+    // The server gives up on the client and tells the agent.
+    expect_frame(&mut link, Command::Close, id);
+    flood.join().unwrap();
+    wait_count("stalled_total", &server.stats.stalled_total, 1);
+    wait_count("no streams", &server.stats.streams, 0);
+    // The rest of the flood was for a closed id: dropped and counted.
+    wait_for(
+        "late DATA to be counted",
+        WAIT,
+        || load(&server.stats.stale_total) > 0,
+        || load(&server.stats.stale_total),
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut closed = false;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match slow.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the stalled client was not closed");
+
+    // The link reads again: a new client works.
+    let mut client = connect(public);
+    let (id2, _) = expect_connect(&mut link);
+    assert_ne!(id2, id, "the closed id is quarantined");
+    client.write_all(b"next").unwrap();
+    expect_data(&mut link, id2, b"next");
+    send_frame(&mut link, Command::Data, id2, b"ok");
+    expect_bytes(&mut client, b"ok");
+}
+
+#[test]
+fn agent_reconnects_after_the_server_restarts() {
+    let service = LocalService::echo();
+    let port = util::free_port();
+    let toml = format!(
+        "[[tunnel_server]]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[tunnel_server.service]]\nname = \"svc\"\npublic = \"127.0.0.1:0\"\ntoken = \"t\"\n"
+    );
+    let server = start_server(&toml);
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        "token = \"t\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"",
+    )));
+    wait_agent_up(&agent);
+    echo_round_trip(wait_public(&server.stats, "svc"), b"one");
+
+    server.engine.stop();
+    wait_count(
+        "the agent to lose its link",
+        &agent.stats.reconnects_total,
+        1,
+    );
+    let server = start_server(&toml);
+    wait_for(
+        "the agent to link again",
+        WAIT,
+        || load(&agent.stats.links_total) == 2 && load(&agent.stats.links) == 1,
+        || agent.stats.agent(),
+    );
+    echo_round_trip(wait_public(&server.stats, "svc"), b"two");
+    assert_eq!(load(&agent.stats.reconnects_total), 1);
+}
+
+#[test]
+fn heartbeat_answers_pings_and_drops_a_silent_link() {
+    let server = start_simple_server(
+        "open",
+        None,
+        "heartbeat_interval = \"100ms\"\nheartbeat_timeout = \"400ms\"",
+    );
+    let mut link = connect(server.link);
+    let hello = hand_listen(&mut link, ext::HEARTBEAT, [3; NONCE_LEN], b"open");
+    assert_eq!(hello.flags, ext::HEARTBEAT);
+    assert_eq!(expect_frame(&mut link, Command::Ready, 0), b"");
+    // The server pings.
+    let ping = expect_frame(&mut link, Command::Ping, 0);
+    assert_eq!(ping.len(), 8);
+    // And answers our PING with the same bytes (its own PINGs may come between).
+    send_frame(&mut link, Command::Ping, 0, b"12345678");
+    let sent = Instant::now();
+    loop {
+        match recv_frame(&mut link) {
+            Some((Command::Ping, 0, _)) => {}
+            Some((Command::Pong, 0, p)) => {
+                assert_eq!(p, b"12345678");
+                break;
+            }
+            other => panic!("expected PONG, got {other:?}"),
+        }
+    }
+    // Now silent: closed after heartbeat_timeout, server PINGs meanwhile.
+    link.set_read_timeout(Some(WAIT)).unwrap();
+    loop {
+        match recv_frame(&mut link) {
+            Some((Command::Ping, 0, _)) => {}
+            None => break,
+            other => panic!("expected PING or a close, got {other:?}"),
+        }
+    }
+    let after = sent.elapsed();
+    assert!(
+        after >= Duration::from_millis(350) && after < Duration::from_secs(5),
+        "closed {after:?} after the last frame"
+    );
+    wait_for(
+        "the public port to close",
+        WAIT,
+        || server.stats.public_addr("open").is_none(),
+        || (),
+    );
+}
+
+#[test]
+fn heartbeat_keeps_an_idle_link_up() {
+    let service = LocalService::echo();
+    let hb = "heartbeat_interval = \"100ms\"\nheartbeat_timeout = \"400ms\"";
+    let server = start_simple_server("svc", None, hb);
+    let agent = start_agent(&agent_config(&agent_toml(
+        "svc",
+        server.link,
+        service.addr,
+        hb,
+    )));
+    wait_agent_up(&agent);
+    let public = wait_public(&server.stats, "svc");
+    thread::sleep(Duration::from_millis(1200));
+    assert_eq!(load(&agent.stats.reconnects_total), 0);
+    assert_eq!(load(&server.stats.links_total), 1);
+    echo_round_trip(public, b"awake");
+}
+
+#[test]
+fn handshake_timeout_and_max_pending() {
+    let server = start_simple_server(
+        "svc",
+        Some("t"),
+        "handshake_timeout = \"300ms\"\nmax_pending = 1",
+    );
+    // One link in its handshake (HELLO received, AUTH not sent).
+    let mut pending = connect(server.link);
+    let t0 = Instant::now();
+    hand_listen(&mut pending, ext::AUTH, [1; NONCE_LEN], b"svc");
+    // Another is closed at once.
+    let mut extra = connect(server.link);
+    expect_closed(&mut extra);
+    assert_eq!(load(&server.stats.rejected_total), 1);
+    // The pending one times out.
+    pending.set_read_timeout(Some(WAIT)).unwrap();
+    expect_closed_within(&mut pending, WAIT);
+    let after = t0.elapsed();
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed after {after:?}"
+    );
+    // The slot is free again: a full handshake succeeds.
+    let mut link = connect(server.link);
+    let na = [2; NONCE_LEN];
+    let hello = hand_listen(&mut link, ext::AUTH, na, b"svc");
+    send_frame(
+        &mut link,
+        Command::Auth,
+        0,
+        &agent_tag(b"t", &na, &hello.nonce, hello.flags, b"svc"),
+    );
+    expect_frame(&mut link, Command::Ready, 0);
+    wait_public(&server.stats, "svc");
+    // Up links are not pending: a new handshake may start.
+    let mut next = connect(server.link);
+    hand_listen(&mut next, ext::AUTH, [3; NONCE_LEN], b"svc");
+}
+
+#[test]
+fn empty_listen_picks_the_first_free_tokenless_service() {
+    let server = start_server(
+        "[[tunnel_server]]\nlisten = \"127.0.0.1:0\"\n\
+         [[tunnel_server.service]]\nname = \"a\"\npublic = \"127.0.0.1:0\"\ntoken = \"t\"\n\
+         [[tunnel_server.service]]\nname = \"b\"\npublic = \"127.0.0.1:0\"\n\
+         [[tunnel_server.service]]\nname = \"c\"\npublic = \"127.0.0.1:0\"\n",
+    );
+    let mut one = connect(server.link);
+    send_frame(&mut one, Command::Listen, 0, &[]);
+    let b = wait_public(&server.stats, "b");
+    let mut two = connect(server.link);
+    send_frame(&mut two, Command::Listen, 0, &[]);
+    let c = wait_public(&server.stats, "c");
+    assert_eq!(server.stats.public_addr("a"), None);
+
+    let _cb = connect(b);
+    expect_connect(&mut one);
+    let _cc = connect(c);
+    expect_connect(&mut two);
+
+    // All tokenless services linked: the next empty LISTEN takes over "b".
+    let mut three = connect(server.link);
+    send_frame(&mut three, Command::Listen, 0, &[]);
+    one.set_read_timeout(Some(WAIT)).unwrap();
+    expect_closed_within(&mut one, WAIT);
+    assert_eq!(server.stats.public_addr("b"), Some(b));
+    let _cb = connect(b);
+    expect_connect(&mut three);
+    assert_eq!(load(&server.stats.links), 2);
+}
