@@ -51,9 +51,12 @@ enum Command {
         /// The service to ask for (default: the server's first service without a token).
         #[arg(long, value_name = "NAME", default_value = "")]
         name: String,
-        /// The service's shared secret.
-        #[arg(long, value_name = "TOKEN")]
+        /// The service's shared secret (visible in `ps`; see --token-file).
+        #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
         token: Option<String>,
+        /// Read the shared secret from this file (one line).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -80,7 +83,18 @@ fn main() -> ExitCode {
             local,
             name,
             token,
+            token_file,
         } => {
+            let token = match token_file {
+                Some(f) => match std::fs::read_to_string(&f) {
+                    Ok(t) => Some(t.trim_end_matches(['\r', '\n']).to_owned()),
+                    Err(e) => {
+                        error!("{}: {e}", f.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+                None => token,
+            };
             let mut config = Config::default();
             config
                 .tunnel_agent
