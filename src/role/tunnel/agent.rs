@@ -178,7 +178,7 @@ impl TunnelAgent {
             framing: Framing::Tunnel {
                 max: self.config.max_frame,
             },
-            queue_bytes: None,
+            queue_bytes: Some(self.mux.settings.link_queue()),
             timeout: Some(self.config.connect_timeout),
         };
         match ctx.connect(addr, opts) {

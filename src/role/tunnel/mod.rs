@@ -31,7 +31,8 @@ use crate::codec::tunnel::{self, Command, HEADER_LEN, MAX_PAYLOAD, TunnelFrame, 
 use crate::engine::{ConnKey, Ctx, SendError, TimerKey};
 
 /// Streams stop reading while the link holds more than this many unsent bytes,
-/// and take turns when it drains (one frame each per round).
+/// and take turns when it drains (one frame each per round). The link's queue
+/// bound ([`Settings::link_queue`]) leaves room for every stream's frame above it.
 const LINK_HIGH: usize = 64 * 1024;
 /// Ids on one link.
 const IDS: usize = 256;
@@ -212,6 +213,14 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The send-queue bound of a link: `LINK_HIGH`, plus one DATA frame from
+    /// every stream (each may send one before it sees the link is full, and
+    /// all resume together when it drains), plus room for control frames
+    /// (WINDOW, CLOSE, SHUTDOWN, PONG) for every stream.
+    pub(crate) fn link_queue(&self) -> usize {
+        LINK_HIGH + self.max_streams * (self.max_data + HEADER_LEN + 64) + 4096
+    }
+
     /// The send-queue bound of a stream socket: a window, plus one frame the
     /// base-mode rule lets through before it pauses the link.
     pub(crate) fn stream_queue(&self) -> usize {

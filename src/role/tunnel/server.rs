@@ -547,7 +547,7 @@ impl Role for TunnelServer {
             framing: Framing::Tunnel {
                 max: self.config.max_frame,
             },
-            queue_bytes: None,
+            queue_bytes: Some(self.mux.settings.link_queue()),
             nodelay: true,
         };
         self.link_listener = Some(ctx.listen(self.config.listen, opts)?);
