@@ -25,7 +25,7 @@ pub use token::{ConnKey, ListenerId};
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1148,7 +1148,7 @@ impl Core {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let n = c.tx.gather(&mut iov);
             let offered: usize = iov.iter().take(n).map(|s| s.len()).sum();
-            let res = c.sock.write_vectored(iov.get(..n).unwrap_or_default());
+            let res = write_nosignal(&c.sock, iov.get(..n).unwrap_or_default());
             match res {
                 Ok(0) => {
                     self.close_now(idx, CloseReason::Io(io::ErrorKind::WriteZero));
@@ -1313,4 +1313,20 @@ impl Core {
             info!("listener on {} closed", l.local);
         }
     }
+}
+
+/// A vectored write that never raises SIGPIPE: a peer that reset the
+/// connection is an `EPIPE` error for this connection, not a signal that
+/// kills a host process which does not ignore SIGPIPE (Rust's own `main`
+/// ignores it; a C program embedding the library, or a fuzzer, may not).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn write_nosignal(sock: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    /// `MSG_NOSIGNAL`: the same value on every Linux architecture.
+    const MSG_NOSIGNAL: std::ffi::c_int = 0x4000;
+    socket2::SockRef::from(sock).send_vectored_with_flags(bufs, MSG_NOSIGNAL)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn write_nosignal(mut sock: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    std::io::Write::write_vectored(&mut sock, bufs)
 }
