@@ -48,6 +48,12 @@ impl TestEngine {
         TestEngine::run(Engine::from_config(&config).expect("engine"))
     }
 
+    /// Start an engine the test built itself (for example one that watches
+    /// its config file, or with extra roles added) and run it on a new thread.
+    pub(crate) fn from_engine(engine: Engine) -> TestEngine {
+        TestEngine::run(engine)
+    }
+
     /// Start `engine` (binding its listeners) and run it on a new thread.
     fn run(mut engine: Engine) -> TestEngine {
         engine.start().expect("engine start");
@@ -459,4 +465,40 @@ pub(crate) fn brief(s: &StatsSnapshot) -> String {
         s.idle_timeouts_total,
         s.turns_total,
     )
+}
+
+/// Why this test process runs under user-mode emulation (qemu-user, as
+/// `../shared/arm-check` runs the ARM suite), or `None` on real hardware.
+/// qemu-user reports the guest architecture from `uname`, but not from
+/// `/proc/sys/kernel/arch`, which still names the host's.
+pub(crate) fn emulated() -> Option<String> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/arch").ok()?;
+    let kernel = kernel.trim();
+    let ours = std::env::consts::ARCH;
+    let native = kernel == ours || (ours == "arm" && kernel.starts_with("arm"));
+    (!native).then(|| format!("{ours} code on a {kernel} kernel (user-mode emulation)"))
+}
+
+/// Skip the rest of a test under user-mode emulation, saying why (the
+/// message shows with `--nocapture` and in the test's captured output).
+#[allow(unused_macros, reason = "each test binary uses a different subset")]
+macro_rules! skip_if_emulated {
+    ($why:expr) => {
+        if let Some(how) = crate::util::emulated() {
+            eprintln!("SKIPPED under {how}: {}", $why);
+            return;
+        }
+    };
+}
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
+pub(crate) use skip_if_emulated;
+
+/// A workload size: `n` on real hardware, `n / div` (at least 1) under
+/// user-mode emulation, where everything runs several times slower.
+pub(crate) fn scaled(n: usize, div: usize) -> usize {
+    if emulated().is_some() {
+        (n / div.max(1)).max(1)
+    } else {
+        n
+    }
 }
