@@ -4,10 +4,12 @@
 //! (third thread). A direct connection to that same echo engine, driven by the
 //! same client code in the same run, is the reference: both paths end in the
 //! same echo loop, so the ratio isolates what the tunnel adds (two engine
-//! hops, four more loopback connections, framing). Every config is TOML text
-//! parsed as `switchboard run -c` does.
+//! hops, four more loopback connections, framing, credit). Every config is
+//! TOML text parsed as `switchboard run -c` does. The machine's load average
+//! is printed at the start and the end: on a small shared VM other work moves
+//! the throughput and latency figures a lot; the CPU figures move least.
 //!
-//! Parts (in-process: three engine threads in this process):
+//! In-process parts (three engine threads in this process):
 //! 1. Throughput. Each stream has a writer thread (64 KiB writes of a byte
 //!    pattern) and a reader thread that reads the echo back and checks every
 //!    byte. 1 and 8 concurrent streams, `bytes` in total per run (512 MiB full,
@@ -25,12 +27,16 @@
 //!    done in that thread), per GiB carried by the tunnel. An echoed byte
 //!    crosses the tunnel twice (client -> service, service -> client) and is
 //!    counted twice; the echo engine's CPU is per GiB echoed. Also the busy
-//!    fraction of each loop thread (CPU / wall time).
+//!    fraction of each loop thread and the CPUs used by the whole run
+//!    (engines + client threads) / wall time.
 //! 2. Latency: one connection per path, 64-byte messages, one at a time
 //!    (write, read the echo back, check it); 1,000 unmeasured round trips per
-//!    connection, then blocks alternating direct / extended / base (20,000
-//!    round trips per path full, 2,000 quick). p50/p99 of each, and the added
-//!    RTT = tunnel - direct at p50 and at p99. Target <= 30 us added (both).
+//!    connection, then blocks alternating between the paths (20,000 round
+//!    trips per path full, 2,000 quick). p50/p99 of each, the added RTT =
+//!    tunnel - direct at p50 and at p99 (target <= 30 us, both), and each
+//!    engine's CPU per round trip. Reference: two std relays in series
+//!    (client -> relay -> relay -> echo, one blocking thread per relay and
+//!    direction): the tunnel's thread hand-offs without its code.
 //!
 //! Parts in child processes (this binary re-executed with
 //! `SWITCHBOARD_TUNNEL_CHILD` = a TOML config; it does what `switchboard run`
@@ -48,27 +54,38 @@
 //!    <= 4 KiB per idle stream for the tunnel (server + agent); the echo
 //!    side's connection is printed too, and the total with it.
 //! 5. Burst: 500 concurrent streams (4 client threads; every stream connects,
-//!    writes 16 KiB, reads them back; then all are open at once: "during";
-//!    then all close: "after", once every side holds no stream), repeated (3
-//!    rounds full, 1 quick). Heap and VmRSS per side before, during, peak
-//!    (heap sampled every 1 ms; VmHWM reset per round through
+//!    writes 1 KiB, reads it back; then all are open at once: "during"; then
+//!    all close: "after", once every side holds no stream), repeated (3 rounds
+//!    full, 1 quick). Heap and VmRSS per side before, during, peak (heap
+//!    sampled every 1 ms; VmHWM reset per round through
 //!    `/proc/self/clear_refs`), after. "Back to baseline": heap after <= heap
-//!    before + 64 KiB per side.
+//!    before + 64 KiB on every side.
+//! 7. Link stress (a correctness check, no target): k = 8 .. 250 streams of
+//!    one link each send 16 KiB (one DATA frame of the default `max_data`)
+//!    while the server child is stopped (SIGSTOP), then it continues and
+//!    finds all k streams readable in one poll; the same with the echo child
+//!    stopped, so that the agent finds the k replies at once. The links must
+//!    stay up and every stream get its bytes back.
 //!
 //! Part with the release binary (`CARGO_BIN_EXE_switchboard`, built by cargo
-//! with the bench profile: the deployed code, no counting allocator):
+//! with the bench profile: the deployed code, no counting allocator;
+//! `SWITCHBOARD_BENCH_BIN=<path>` measures another build instead):
 //! 4. Idle RSS: `switchboard run -c server.toml` (one tunnel server, services
 //!    `a` and `b`) and `switchboard agent --name a ...` as child processes,
-//!    linked, no stream; VmRSS (and its anonymous / file-backed split) of each
-//!    process after 1 s. Target <= 2 MiB per process. Then a second agent
-//!    (`b`) links and the burst of part 5 runs against the binaries: VmRSS of
-//!    each process before, during, VmHWM, and after (once its fd count is
-//!    back).
+//!    linked, no stream; VmRSS (its anonymous / file-backed split, resident
+//!    KiB per mapping from `/proc/<pid>/smaps`, and PSS) of each process after
+//!    1 s. Target <= 2 MiB per process. Then a second agent (`b`) links and
+//!    the burst of part 5 runs against the binaries: VmRSS of each process
+//!    before, during, VmHWM, and after (once its fd count is back).
 //!
 //! `SWITCHBOARD_BENCH_QUICK=1` (or no `--bench` on the command line, as with
 //! `cargo test --benches`) shrinks the volumes so a run takes seconds.
-//! `SWITCHBOARD_BENCH_ONLY=throughput` (or `latency`, `memory`, `rss`) runs one
-//! part only.
+//! `SWITCHBOARD_BENCH_ONLY=throughput` (or `latency`, `memory`, `stress`,
+//! `rss`) runs one part only. For experiments: `SWITCHBOARD_BENCH_ENGINE`
+//! adds `[engine]` keys and `SWITCHBOARD_BENCH_TUNNEL` tunnel keys to every
+//! config written (`;`-separated, e.g. `buffer_pool = 16` or
+//! `window = 1048576; max_data = 65535`), and `SWITCHBOARD_TUNNEL_LOG=1` gives
+//! the child processes an info log on stderr.
 
 #[path = "support/harness.rs"]
 mod harness;

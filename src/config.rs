@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hashbrown::HashMap;
 use serde::{Deserialize, Deserializer};
 
 /// Default `engine.max_connections`: connections held at once (all roles).
@@ -895,7 +896,7 @@ fn validate_tunnel_server(
     i: usize,
     t: &TunnelServerConfig,
     e: &EngineConfig,
-    seen: &mut Vec<(SocketAddr, String)>,
+    seen: &mut Seen,
 ) -> Result<(), ConfigError> {
     let key = |k: &str| format!("tunnel_server[{i}].{k}");
     let err = |k: String, message: String| {
@@ -1287,7 +1288,7 @@ impl Config {
         if e.listen_backlog == 0 {
             return err("engine.listen_backlog", "must be at least 1".to_owned());
         }
-        let mut seen: Vec<(SocketAddr, String)> = Vec::new();
+        let mut seen: Seen = HashMap::new();
         for (i, echo) in self.echo.iter().enumerate() {
             if echo.name.is_empty() {
                 return err(&format!("echo[{i}].name"), "must not be empty".to_owned());
@@ -1528,11 +1529,7 @@ impl Config {
     }
 }
 
-fn validate_router(
-    i: usize,
-    r: &RouterConfig,
-    seen: &mut Vec<(SocketAddr, String)>,
-) -> Result<(), ConfigError> {
+fn validate_router(i: usize, r: &RouterConfig, seen: &mut Seen) -> Result<(), ConfigError> {
     let key = |k: &str| format!("router[{i}].{k}");
     let err = |key: String, message: String| {
         Err(ConfigError {
@@ -1637,21 +1634,21 @@ fn validate_router(
     Ok(())
 }
 
-fn check_unique(
-    seen: &mut Vec<(SocketAddr, String)>,
-    addr: SocketAddr,
-    key: String,
-) -> Result<(), ConfigError> {
-    if addr.port() != 0
-        && let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr)
-    {
+/// Listen addresses seen so far, and the key that claimed each.
+type Seen = HashMap<SocketAddr, String>;
+
+fn check_unique(seen: &mut Seen, addr: SocketAddr, key: String) -> Result<(), ConfigError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    if let Some(other) = seen.get(&addr) {
         return Err(ConfigError {
             file: None,
             message: format!("address {addr} is already used by {other}"),
             key,
         });
     }
-    seen.push((addr, key));
+    seen.insert(addr, key);
     Ok(())
 }
 

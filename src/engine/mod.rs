@@ -851,7 +851,11 @@ impl Engine {
             let uptime = self.core.now.saturating_duration_since(self.core.born);
             report.begin(uptime, &self.core.shared.stats.snapshot());
             let view = View { core: &self.core };
-            for role in &self.roles {
+            for role in self
+                .roles
+                .iter()
+                .filter(|r| !reload::is_retired(r.as_ref()))
+            {
                 report.role_begin(role.kind(), role.name());
                 role.report(&view, &mut report);
                 report.role_end();

@@ -16,8 +16,10 @@ use log::{debug, info, warn};
 
 use crate::codec::{Frame, Framing};
 use crate::config::AdminConfig;
-use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, TimerKey};
-use crate::role::{ReportKind, Role};
+use crate::engine::{
+    CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, TimerKey, View,
+};
+use crate::role::{Report, ReportKind, Role};
 
 /// The longest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -155,6 +157,11 @@ impl Role for Admin {
 
     fn kind(&self) -> &str {
         "admin"
+    }
+
+    fn report(&self, view: &View<'_>, out: &mut Report) {
+        out.addr("listen", self.listener.and_then(|l| view.listener_addr(l)));
+        out.num("clients", self.clients.len() as u64);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

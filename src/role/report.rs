@@ -28,8 +28,9 @@ pub struct Report {
     out: String,
     /// JSON: whether the current container already holds a value.
     comma: Vec<bool>,
-    /// Metrics: families whose HELP/TYPE lines were written.
-    families: Vec<&'static str>,
+    /// Metrics: each family's HELP/TYPE lines and samples, in order of first
+    /// appearance; the exposition format wants a family's lines together.
+    families: Vec<(&'static str, String)>,
     /// Metrics: labels every sample of the current role gets.
     role_labels: String,
     now: Instant,
@@ -57,7 +58,10 @@ impl Report {
         self.now
     }
 
-    pub(crate) fn into_string(self) -> String {
+    pub(crate) fn into_string(mut self) -> String {
+        for (_, lines) in self.families.drain(..) {
+            self.out.push_str(&lines);
+        }
         self.out
     }
 
@@ -200,15 +204,21 @@ impl Report {
         if self.kind != ReportKind::Metrics {
             return;
         }
-        self.family(name, kind, help);
-        let _ = writeln!(self.out, "{name} {v}");
+        let lines = self.family(name, kind, help);
+        let _ = writeln!(lines, "{name} {v}");
     }
 
-    fn family(&mut self, name: &'static str, kind: &str, help: &str) {
-        if !self.families.contains(&name) {
-            self.families.push(name);
-            let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        }
+    /// The lines of family `name`, started with its HELP and TYPE if new.
+    fn family(&mut self, name: &'static str, kind: &str, help: &str) -> &mut String {
+        let i = match self.families.iter().position(|(n, _)| *n == name) {
+            Some(i) => i,
+            None => {
+                let head = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+                self.families.push((name, head));
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i].1
     }
 
     fn sample(
@@ -222,12 +232,14 @@ impl Report {
         if self.kind != ReportKind::Metrics {
             return;
         }
-        self.family(name, kind, help);
-        let _ = write!(self.out, "{name}{{{}", self.role_labels);
+        let role_labels = std::mem::take(&mut self.role_labels);
+        let lines = self.family(name, kind, help);
+        let _ = write!(lines, "{name}{{{role_labels}");
         for (k, val) in labels {
-            let _ = write!(self.out, ",{k}=\"{}\"", EscLabel(val));
+            let _ = write!(lines, ",{k}=\"{}\"", EscLabel(val));
         }
-        let _ = writeln!(self.out, "}} {v}");
+        let _ = writeln!(lines, "}} {v}");
+        self.role_labels = role_labels;
     }
 
     /// Write the document's opening (engine-wide part).
@@ -431,12 +443,18 @@ mod tests {
         let mut r = Report::new(ReportKind::Metrics, Instant::now());
         r.role_begin("router", "r1");
         r.counter("switchboard_x_total", "X.", &[("connpt", "c1")], 5);
+        r.gauge("switchboard_y", "Y.", &[], 1);
+        r.role_begin("router", "r2");
         r.counter("switchboard_x_total", "X.", &[("connpt", "c\"2")], 6);
         r.str("ignored", "in metrics");
         let s = r.into_string();
         assert_eq!(s.matches("# TYPE switchboard_x_total counter").count(), 1);
         assert!(s.contains("switchboard_x_total{role=\"router\",name=\"r1\",connpt=\"c1\"} 5\n"));
-        assert!(s.contains("connpt=\"c\\\"2\"} 6\n"));
+        assert!(s.contains("name=\"r2\",connpt=\"c\\\"2\"} 6\n"));
+        // A family's lines stay together even when roles interleave.
+        let x = s.find("switchboard_x_total{").unwrap();
+        let y = s.find("# HELP switchboard_y").unwrap();
+        assert!(s.rfind("switchboard_x_total{").unwrap() < y && x < y, "{s}");
         assert!(!s.contains("ignored"));
     }
 }

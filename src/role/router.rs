@@ -927,7 +927,7 @@ impl Role for Router {
             "switchboard_router_connpts",
             "Connection points configured.",
             &[],
-            self.connpts.len() as u64,
+            (self.connpts.len() - self.free_connpts.len()) as u64,
         );
         out.counter(
             "switchboard_router_identified_total",
