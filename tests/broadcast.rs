@@ -17,7 +17,7 @@ mod util;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
@@ -31,7 +31,7 @@ use switchboard::{Config, HandleError, RoleId};
 use util::{
     Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, bin, brief, connect,
     connect_with_recv_buffer, free_port, is_timeout, kernel_send_buffer_max, send_signal,
-    temp_file, wait_for,
+    target_command, temp_file, wait_for,
 };
 
 /// Bound on waiting for a counter or a log line.
@@ -1050,7 +1050,7 @@ fn u32_records_are_forwarded_byte_exact() {
 /// its broadcast to listen.
 fn spawn_binary(config: &str, name: &str, stdin: Stdio) -> (ChildGuard, Captured) {
     let path = temp_file(name, config);
-    let mut child = Command::new(bin())
+    let mut child = target_command(bin())
         .args(["--log-level", "debug", "run", "-c"])
         .arg(&path)
         .stdin(stdin)

@@ -12,16 +12,18 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use util::{Captured, ChildGuard, bin, connect, send_signal, temp_file, wait_child};
+use util::{
+    Captured, ChildGuard, bin, connect, send_signal, target_command, temp_file, wait_child,
+};
 
 const EXIT_CONFIG: i32 = 2;
 
 /// Run the binary to completion (bounded), stdin null, output captured.
 fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(bin())
+    let mut child = target_command(bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -149,7 +151,7 @@ fn run_serves_then_stops_cleanly_on_sigterm() {
         "sigterm.toml",
         "[[echo]]\nname = \"front\"\nlisten = \"127.0.0.1:0\"\n",
     );
-    let child = Command::new(bin())
+    let child = target_command(bin())
         .args(["--log-level", "info", "run", "-c", cfg.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use util::{Captured, ChildGuard, bin, connect, send_signal, temp_file};
+use util::{Captured, ChildGuard, bin, connect, send_signal, target_command, temp_file};
 
 /// Descriptors the child may hold: stdio, poll, waker, signal pipe and the
 /// listener use about 8, leaving room for about 40 connections.
@@ -73,9 +73,15 @@ fn at_the_fd_limit_the_loop_does_not_spin_and_recovers() {
             "[engine]\nmax_connections = 1000\naccept_backoff = \"100ms\"\n[[echo]]\nlisten = \"{addr}\"\n"
         ),
     );
+    // Under user-mode emulation the binary runs through cargo's runner.
+    let target = target_command(bin());
+    let program: Vec<String> = std::iter::once(target.get_program())
+        .chain(target.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect();
     let script = format!(
-        "ulimit -n {FD_LIMIT} && exec '{}' run -c '{}'",
-        bin(),
+        "ulimit -n {FD_LIMIT} && exec {} run -c '{}'",
+        program.join(" "),
         cfg.display()
     );
     let child = Command::new("sh")

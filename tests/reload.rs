@@ -30,7 +30,7 @@ mod util;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, mpsc};
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use switchboard::{Config, Engine, EngineError, Message, Role, RoleId};
 
 use util::{
     Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, bin, brief, connect, free_port,
-    is_timeout, send_signal, wait_for, wait_until,
+    is_timeout, send_signal, target_command, wait_for, wait_until,
 };
 
 /// Bound on waiting for anything.
@@ -906,7 +906,7 @@ fn sighup_reloads_the_file_given_to_run() {
         format!("[[echo]]\nname = \"{name}\"\nlisten = \"{addr}\"\n\n")
     };
     let file = ConfigFile::new("sighup", &echo("a", a));
-    let child = Command::new(bin())
+    let child = target_command(bin())
         .args(["--log-level", "info", "run", "-c"])
         .arg(&file.path)
         .stdin(Stdio::null())

@@ -25,7 +25,7 @@ mod util;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -40,7 +40,7 @@ use switchboard::role::router::RouterStats;
 
 use util::{
     Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, accept_within, brief, connect,
-    is_timeout, temp_file, wait_for,
+    is_timeout, target_command, temp_file, wait_for,
 };
 
 /// Bound on waiting for a counter or an event.
@@ -1597,7 +1597,7 @@ fn devices_at_scale_each_echo_through_their_own_connpt() {
     let addrs: String = rt.engine.addrs.iter().map(|a| format!("{a}\n")).collect();
     let file = temp_file("router-scale.addrs", &addrs);
 
-    let mut child = Command::new(std::env::current_exe().unwrap());
+    let mut child = target_command(std::env::current_exe().unwrap());
     child
         .args([
             "scale_client_holder",

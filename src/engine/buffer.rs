@@ -113,7 +113,13 @@ pub(crate) struct BufferPool {
     max_free: usize,
     /// Buffers currently lent out (for the stats).
     pub(crate) lent: usize,
+    /// The fewest free buffers since the last [`BufferPool::trim`]: that
+    /// many sat unused the whole time.
+    low_water: usize,
 }
+
+/// Free buffers a trim always keeps (enough for the next few reads).
+pub(crate) const POOL_FLOOR: usize = 8;
 
 // ===== impl BufferPool =====
 
@@ -124,7 +130,29 @@ impl BufferPool {
             buf_len,
             max_free,
             lent: 0,
+            low_water: 0,
         }
+    }
+
+    /// Free the buffers that stayed unused since the last trim, down to
+    /// [`POOL_FLOOR`]: after a burst the pool shrinks back within two trims
+    /// instead of holding `max_free` buffers for good. Returns how many
+    /// were freed.
+    pub(crate) fn trim(&mut self) -> usize {
+        let idle = self
+            .low_water
+            .min(self.free.len().saturating_sub(POOL_FLOOR));
+        self.free.truncate(self.free.len() - idle);
+        if self.free.capacity() > 2 * self.max_free.max(POOL_FLOOR) {
+            self.free.shrink_to(self.max_free);
+        }
+        self.low_water = self.free.len();
+        idle
+    }
+
+    /// Whether a trim could free anything (the loop then wakes up for it).
+    pub(crate) fn trimmable(&self) -> bool {
+        self.free.len() > POOL_FLOOR
     }
 
     pub(crate) fn buf_len(&self) -> usize {
@@ -133,7 +161,9 @@ impl BufferPool {
 
     pub(crate) fn take(&mut self) -> Buffer {
         self.lent += 1;
-        self.free.pop().unwrap_or_else(|| Buffer::new(self.buf_len))
+        let buf = self.free.pop().unwrap_or_else(|| Buffer::new(self.buf_len));
+        self.low_water = self.low_water.min(self.free.len());
+        buf
     }
 
     pub(crate) fn give_back(&mut self, mut buf: Buffer) {

@@ -88,6 +88,9 @@ pub struct ConnectOptions {
     pub queue_bytes: Option<usize>,
     /// Connect time limit (default: `engine.connect_timeout`).
     pub timeout: Option<Duration>,
+    /// Disable Nagle's algorithm (default: on, i.e. no delay, as for
+    /// [`ListenOptions`]; small control frames must not wait for an ACK).
+    pub nodelay: bool,
 }
 
 impl Default for ConnectOptions {
@@ -96,6 +99,7 @@ impl Default for ConnectOptions {
             framing: Framing::Raw,
             queue_bytes: None,
             timeout: None,
+            nodelay: true,
         }
     }
 }
@@ -571,6 +575,9 @@ impl Ctx<'_> {
             return Err(io::Error::other("max_connections reached"));
         }
         let sock = TcpStream::connect(addr)?;
+        if opts.nodelay {
+            sock.set_nodelay(true).ok();
+        }
         let key = core.insert_conn(sock, addr, self.role, opts.framing, opts.queue_bytes, true)?;
         let timeout = opts.timeout.unwrap_or(core.config.connect_timeout);
         let at = core.now + timeout;

@@ -53,6 +53,8 @@ const ACCEPT_BUDGET: usize = 256;
 const TIMER_BUDGET: usize = 4096;
 /// Frames or syscalls one pump may handle before the connection is closed as a
 /// bug (a role that resumes forever, say); far above any legitimate count.
+/// How often the buffer pool frees buffers that stayed unused meanwhile.
+const POOL_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_LOOP_ITERATIONS: usize = 1 << 20;
 /// `poll` failures in a row before the engine gives up.
 const MAX_POLL_ERRORS: u32 = 16;
@@ -213,6 +215,8 @@ pub(crate) struct Core {
     shared: Arc<Shared>,
     /// When the engine was created (uptime in reports).
     pub(crate) born: Instant,
+    /// When the buffer pool next gives back buffers a whole interval left unused.
+    next_trim: Instant,
     /// Reports asked for with `Ctx::request_report`, served after the callback.
     reports: Vec<(RoleId, ConnKey, crate::role::ReportKind)>,
 }
@@ -271,6 +275,7 @@ impl Engine {
             config,
             born: Instant::now(),
             reports: Vec::new(),
+            next_trim: Instant::now() + POOL_TRIM_INTERVAL,
         };
         Ok(Engine {
             core,
@@ -429,6 +434,13 @@ impl Engine {
         self.fire_timers();
         self.work_ready_list();
         self.reap();
+        if self.core.now >= self.core.next_trim {
+            let freed = self.core.pool.trim();
+            if freed > 0 {
+                trace!("buffer pool: {freed} idle buffers freed");
+            }
+            self.core.next_trim = self.core.now + POOL_TRIM_INTERVAL;
+        }
         let lent = self.core.pool.lent as u64;
         self.core
             .shared
@@ -454,10 +466,14 @@ impl Engine {
         if !self.core.ready.is_empty() || !self.core.closed.is_empty() || accept_pending {
             return Some(Duration::ZERO);
         }
-        self.core
-            .timers
-            .next_deadline()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+        let next = self.core.timers.next_deadline();
+        // An idle loop still wakes up to give back buffers left from a burst.
+        let trim = self.core.pool.trimmable().then_some(self.core.next_trim);
+        let at = match (next, trim) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        at.map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     /// Accept until `WouldBlock`, the connection limit, fd exhaustion or the budget.

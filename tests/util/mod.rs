@@ -334,6 +334,28 @@ pub(crate) fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_switchboard")
 }
 
+/// A `Command` for a program built for the target: under user-mode
+/// emulation the kernel cannot exec it, so it runs through the same runner
+/// cargo used for this test (`CARGO_TARGET_<TRIPLE>_RUNNER`, e.g.
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu`), which the test
+/// process inherits from cargo's environment.
+pub(crate) fn target_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let runner = emulated().and_then(|_| {
+        std::env::vars()
+            .find(|(k, _)| k.starts_with("CARGO_TARGET_") && k.ends_with("_RUNNER"))
+            .map(|(_, v)| v)
+    });
+    match runner {
+        Some(r) => {
+            let mut parts = r.split_whitespace();
+            let mut cmd = std::process::Command::new(parts.next().unwrap_or("env"));
+            cmd.args(parts).arg(program);
+            cmd
+        }
+        None => std::process::Command::new(program),
+    }
+}
+
 /// Write `text` to a fresh file under the target's test scratch directory.
 pub(crate) fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));

@@ -180,6 +180,7 @@ impl TunnelAgent {
             },
             queue_bytes: Some(self.mux.settings.link_queue()),
             timeout: Some(self.config.connect_timeout),
+            ..ConnectOptions::default()
         };
         match ctx.connect(addr, opts) {
             Ok(conn) => {
@@ -436,6 +437,7 @@ impl TunnelAgent {
             },
             queue_bytes: Some(self.mux.settings.stream_queue()),
             timeout: Some(self.config.connect_timeout),
+            ..ConnectOptions::default()
         };
         match ctx.connect(addr, opts) {
             Ok(conn) => {
