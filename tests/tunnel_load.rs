@@ -1097,6 +1097,13 @@ fn reconnect_cycles_leave_memory_flat() {
         get(&t.proxy().shared.accepted),
     );
     assert!(get(&t.a.reconnects_total) >= CYCLES);
+    if let Some(how) = util::emulated() {
+        // qemu-user keeps state for every guest thread that ever ran (the
+        // proxy here starts two per cycle), so VmRSS measures qemu's own
+        // growth, not switchboard's.
+        eprintln!("memory check SKIPPED under {how}: VmRSS includes qemu's per-thread state");
+        return;
+    }
     assert!(
         rss_end < rss_warm + 4 * MIB,
         "VmRSS grew from {:.2} MiB to {:.2} MiB over {} cycles",
