@@ -1497,7 +1497,10 @@ fn a_client_that_never_reads_a_large_status_does_not_block_others() {
         "status of {len} bytes; /healthz worst {worst:?}, whole big /status read in {:?}, while one client does not read",
         t0.elapsed()
     );
-    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    // Building a 12 MB report holds the loop for ~0.2 s natively in a debug
+    // build, several times that under emulation.
+    let bound = Duration::from_secs(if util::emulated().is_some() { 10 } else { 1 });
+    assert!(worst < bound, "{worst:?}");
 
     // Its answer does not move: the engine drops it after request_timeout.
     wait_for(
