@@ -1,7 +1,7 @@
 //! Tunnel roles: [`TunnelServer`] and [`TunnelAgent`], and the stream
-//! multiplexer ([`Mux`]) they share. The wire protocol is docs/PROTOCOL.md.
+//! multiplexer (`Mux`) they share. The wire protocol is docs/PROTOCOL.md.
 //!
-//! Invariant: a stream exists on a link as one [`Slot`] per client id and one
+//! Invariant: a stream exists on a link as one `Slot` per client id and one
 //! entry in `Mux::streams` (socket → link, id); both are removed together, so
 //! a socket event for a stream that is gone finds nothing and does nothing.
 //! Every byte queued for a stream socket is bounded by `window` (credit, or
