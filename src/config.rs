@@ -119,7 +119,7 @@ pub struct Config {
 }
 
 /// One role's configuration, whatever its kind: what a reload compares.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub enum RoleConfig {
     /// `[[echo]]`.
     Echo(EchoConfig),
@@ -197,7 +197,7 @@ impl Config {
 }
 
 /// `[admin]`: HTTP status, metrics and health endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where to serve it; keep it on loopback or a management network.
@@ -225,7 +225,7 @@ fn default_admin_response() -> usize {
 }
 
 /// `[engine]`: loop-wide limits.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Connections held at once, over all roles; at the limit accepting pauses.
@@ -277,7 +277,7 @@ impl Default for EngineConfig {
 }
 
 /// `[[echo]]`: send back every byte received.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EchoConfig {
     /// Name used in logs (default `"echo"`).
@@ -318,7 +318,7 @@ pub const DEFAULT_USER_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_REPLAY: usize = 100_000;
 
 /// `[[broadcast]]`: every record from any publisher to every subscriber.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BroadcastConfig {
     /// Name used in logs (default `"broadcast"`).
@@ -448,7 +448,7 @@ impl<'de> Deserialize<'de> for RawBytes {
 }
 
 /// How a router tells devices apart.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Identity {
     /// By the id the device sends first.
@@ -459,7 +459,7 @@ pub enum Identity {
 }
 
 /// What a router does when a second device claims an online id.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Duplicate {
     /// The new connection wins; the old one is closed.
@@ -470,7 +470,7 @@ pub enum Duplicate {
 }
 
 /// What happens to applications while their device is offline.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Offline {
     /// They stay connected; their bytes are discarded and counted.
@@ -481,7 +481,7 @@ pub enum Offline {
 }
 
 /// `[[router]]`: identify field devices and bridge them to their connection points.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// Name used in logs (default `"router"`).
@@ -554,7 +554,7 @@ pub struct RouterConfig {
 }
 
 /// `[[router.connpt]]`: one device and where its bytes go.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnptConfig {
     /// Name used in logs.
@@ -620,7 +620,7 @@ pub const MAX_TUNNEL_STREAMS: usize = 256;
 
 /// `[[tunnel_server]]`: agents dial in; clients of each service's public port
 /// are multiplexed over that service's link.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelServerConfig {
     /// Name used in logs (default `"tunnel"`).
@@ -673,7 +673,7 @@ pub struct TunnelServerConfig {
 }
 
 /// `[[tunnel_server.service]]`: one public port.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The name an agent asks for in its LISTEN.
@@ -687,7 +687,7 @@ pub struct ServiceConfig {
 
 /// `[[tunnel_agent]]` (or `switchboard agent`): dial a tunnel server and
 /// connect its streams to a local service.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelAgentConfig {
     /// The service to ask for (empty: the server's first service without a token).
@@ -1037,7 +1037,7 @@ fn validate_tunnel_agent(
 }
 
 /// Where a broadcast's publishers come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ingest {
     /// A TCP address publishers connect to.
     Tcp(SocketAddr),
@@ -1060,7 +1060,7 @@ impl<'de> Deserialize<'de> for Ingest {
 }
 
 /// Record delimiting for a broadcast.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RecordFraming {
     /// Lines ending in `\n` (CRLF too).
@@ -1085,7 +1085,7 @@ impl RecordFraming {
 }
 
 /// The policy for a subscriber whose queue is full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SlowPolicy {
     /// Close the subscriber (it can reconnect and start at a record boundary).
@@ -1098,7 +1098,7 @@ pub enum SlowPolicy {
 }
 
 /// An address range, `"192.168.1.0/24"`, `"::1/128"` or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cidr {
     addr: std::net::IpAddr,
     prefix: u8,

@@ -9,8 +9,7 @@
 //! role's slot keeps a no-op role, so timers and connection events still in
 //! flight for it land nowhere.
 
-use std::fmt::Write as _;
-use std::hash::{DefaultHasher, Hasher};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,7 +21,7 @@ use crate::engine::EngineError;
 use crate::role::{Reconfigure, Role};
 
 /// What the engine remembers of the configuration a role runs with: its
-/// identity and a fingerprint, not a copy (a router's connpt list can be
+/// identity and a hash of it, not a copy (a router's connpt list can be
 /// tens of thousands of entries, which the role already holds in its own form).
 pub(crate) struct Applied {
     identity: String,
@@ -31,17 +30,9 @@ pub(crate) struct Applied {
 
 impl Applied {
     fn of(config: &RoleConfig) -> Applied {
-        // SipHash with fixed keys over the Debug form: deterministic, and
-        // every field of every role config takes part in it.
-        struct Feed<'a>(&'a mut DefaultHasher);
-        impl std::fmt::Write for Feed<'_> {
-            fn write_str(&mut self, s: &str) -> std::fmt::Result {
-                self.0.write(s.as_bytes());
-                Ok(())
-            }
-        }
+        // SipHash with fixed keys over every field of the role's config.
         let mut h = DefaultHasher::new();
-        let _ = write!(Feed(&mut h), "{config:?}");
+        config.hash(&mut h);
         Applied {
             identity: config.identity(),
             fingerprint: h.finish(),
