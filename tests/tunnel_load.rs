@@ -672,7 +672,12 @@ fn hundred_streams(engine: EngineConfig) {
         EACH / MIB,
         mib(STREAMS * EACH) / elapsed.as_secs_f64()
     );
-    assert_eq!(peak, STREAMS, "streams open at once");
+    if util::emulated().is_some() {
+        // Emulated, the first streams may finish before the last one opens.
+        assert!(peak >= STREAMS * 3 / 4, "only {peak} streams open at once");
+    } else {
+        assert_eq!(peak, STREAMS, "streams open at once");
+    }
     assert_eq!(get(&t.s.streams_total), STREAMS);
     assert_eq!(get(&t.a.streams_total), STREAMS);
     assert_eq!(get(&t.s.bytes_to_link_total), STREAMS * EACH);
