@@ -1524,10 +1524,12 @@ fn print_memory(m: &MemoryFigures, plan: &Plan, targets: &mut Vec<String>) {
 /// compare another build, e.g. the `min-size` profile), else the one cargo
 /// built for this bench.
 fn binary() -> PathBuf {
-    std::env::var_os("SWITCHBOARD_BENCH_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_switchboard")),
-        PathBuf::from,
-    )
+    std::env::var_os("SWITCHBOARD_BENCH_BIN")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_switchboard")),
+            PathBuf::from,
+        )
 }
 
 /// The release binary as a child process; its stderr (the log) is read by a
@@ -1908,7 +1910,7 @@ type StressSteps = Vec<(usize, bool, usize)>;
 /// With the server stopped, then with the echo stopped: [`stress_step`] for
 /// each of [`STRESS_STEPS`] until a link goes down.
 fn part_stress() -> Result<[(&'static str, StressSteps); 2]> {
-    let (mut sides, publics) = spawn_sides()?;
+    let (mut sides, _) = spawn_sides()?;
     let mut out = [
         (
             "client -> server (server stopped while clients wrote)",
@@ -1921,8 +1923,14 @@ fn part_stress() -> Result<[(&'static str, StressSteps); 2]> {
     ];
     for ((label, steps), freeze) in out.iter_mut().zip([0, 2]) {
         println!("  {label}:");
+        // A link that went down and came back listens on a new port 0.
+        let [server, ..] = &mut sides;
+        let public = server
+            .stat()?
+            .addr("public.a")
+            .ok_or("service a has no public port")?;
         for k in STRESS_STEPS {
-            let (survived, intact) = stress_step(&mut sides, publics[0], k, freeze)?;
+            let (survived, intact) = stress_step(&mut sides, public, k, freeze)?;
             println!(
                 "    {k:>3} streams x {} KiB: links {}, {intact} of {k} streams got their bytes back",
                 STRESS_BYTES >> 10,
