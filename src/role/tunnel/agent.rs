@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::auth::{self, Rng, Transcript};
-use super::{Mux, Settings, Slot, TunnelStats, bump, heartbeat, send_frame, token};
+use super::{Mux, Settings, Slot, TunnelStats, bump, heartbeat, link_keepalive, send_frame, token};
 use crate::codec::tunnel::{
     self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
 };
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelAgentConfig;
 use crate::engine::{
-    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, Keepalive, Message, TimerKey, View,
+    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, Message, TimerKey, View,
 };
 use crate::role::{Report, Role};
 
@@ -461,7 +461,7 @@ impl TunnelAgent {
     /// Answer a CONNECT we cannot serve with CLOSE (and hold the id until the
     /// server acknowledges, with CLOSE_ACK).
     fn refuse_stream(&mut self, ctx: &mut Ctx<'_>, li: usize, id: u8, link_conn: ConnKey) {
-        self.mux.refuse_id(li, id);
+        self.mux.refuse_id(li, id, ctx.now());
         send_frame(ctx, link_conn, Command::Close, id, &[]);
     }
 
@@ -582,14 +582,7 @@ impl Role for TunnelAgent {
         if self.link_conn != Some(conn) {
             return;
         }
-        let keepalive = Keepalive {
-            idle: Duration::from_secs(15),
-            interval: Duration::from_secs(5),
-            user_timeout: Some(self.config.heartbeat_timeout),
-        };
-        if let Err(e) = ctx.set_keepalive(conn, keepalive) {
-            debug!("{conn}: keepalive: {e}");
-        }
+        link_keepalive(ctx, conn, self.config.heartbeat_timeout);
         if let Some(li) = self.link {
             self.send_listen(ctx, li);
         }

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use crate::codec::Framing;
 use crate::codec::tunnel::{self, Command, HEADER_LEN, MAX_PAYLOAD, TunnelFrame, ext};
-use crate::engine::{ConnKey, Ctx, SendError, TimerKey};
+use crate::engine::{ConnKey, Ctx, Keepalive, SendError, TimerKey};
 
 /// Streams stop reading while the link holds more than this many unsent bytes,
 /// and take turns when it drains (one frame each per round). The link's queue
@@ -291,6 +291,20 @@ impl<X> Link<X> {
         open_mut(&mut self.slots, id)
     }
 
+    /// What an id becomes once our CLOSE for it is sent: held until the
+    /// peer's CLOSE (CLOSE_ACK), quarantined (server, base), or free.
+    fn closed_slot(&self, quarantine: Option<Duration>, now: Instant) -> Slot {
+        if self.has(ext::CLOSE_ACK) {
+            Slot::Closing { until: None }
+        } else if let Some(q) = quarantine {
+            Slot::Closing {
+                until: Some(now + q),
+            }
+        } else {
+            Slot::Free
+        }
+    }
+
     /// Streams open now.
     pub(crate) fn open_streams(&self) -> usize {
         self.open
@@ -428,13 +442,10 @@ impl<X> Mux<X> {
 
     /// A CONNECT we answer with CLOSE at once: with CLOSE_ACK the id stays
     /// taken until the server's CLOSE comes back.
-    pub(crate) fn refuse_id(&mut self, li: usize, id: u8) {
+    pub(crate) fn refuse_id(&mut self, li: usize, id: u8, now: Instant) {
+        let quarantine = self.settings.quarantine;
         if let Some(link) = self.links.get_mut(li) {
-            let next = if link.has(ext::CLOSE_ACK) {
-                Slot::Closing { until: None }
-            } else {
-                Slot::Free
-            };
+            let next = link.closed_slot(quarantine, now);
             if let Some(slot) = link.slot_mut(id) {
                 *slot = next;
             }
@@ -565,18 +576,12 @@ impl<X> Mux<X> {
         let Some(link) = self.links.get_mut(li) else {
             return;
         };
-        let link_conn = link.conn;
         let Some(s) = open_mut(&mut link.slots, id) else {
             return;
         };
         if s.blocking {
             s.blocking = false;
-            ctx.set_stall_timeout(conn, None);
-            link.blocking = link.blocking.saturating_sub(1);
-            if link.blocking == 0 {
-                trace!("{link_conn}: stream {id} drained; link reads again");
-                ctx.resume_reading(link_conn);
-            }
+            unblock(ctx, link, conn);
         }
     }
 
@@ -799,15 +804,7 @@ impl<X> Mux<X> {
         let Some(link) = self.links.get_mut(li) else {
             return;
         };
-        let next = if link.has(ext::CLOSE_ACK) {
-            Slot::Closing { until: None }
-        } else if let Some(q) = quarantine {
-            Slot::Closing {
-                until: Some(now + q),
-            }
-        } else {
-            Slot::Free
-        };
+        let next = link.closed_slot(quarantine, now);
         let link_conn = link.conn;
         let Some(slot) = link.slot_mut(id) else {
             return;
@@ -863,6 +860,19 @@ pub(crate) mod token {
 
     pub(crate) fn split(token: u64) -> (u64, usize) {
         (token & (0xff << 56), (token & 0xffff_ffff) as usize)
+    }
+}
+
+/// TCP keepalive and `TCP_USER_TIMEOUT` on a link, both modes (all a base
+/// link has to notice a dead peer).
+pub(crate) fn link_keepalive(ctx: &mut Ctx<'_>, conn: ConnKey, user_timeout: Duration) {
+    let keepalive = Keepalive {
+        idle: Duration::from_secs(15),
+        interval: Duration::from_secs(5),
+        user_timeout: Some(user_timeout),
+    };
+    if let Err(e) = ctx.set_keepalive(conn, keepalive) {
+        debug!("{conn}: keepalive: {e}");
     }
 }
 

@@ -12,7 +12,7 @@ use hashbrown::HashMap;
 use log::{debug, error, info, warn};
 
 use super::auth::{self, Rng, Transcript};
-use super::{Mux, Settings, TunnelStats, bump, heartbeat, send_frame, token};
+use super::{Mux, Settings, TunnelStats, bump, heartbeat, link_keepalive, send_frame, token};
 use crate::codec::tunnel::{
     self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
 };
@@ -20,7 +20,7 @@ use crate::codec::{Frame, Framing};
 use crate::config::RoleConfig;
 use crate::config::TunnelServerConfig;
 use crate::engine::{
-    CloseReason, ConnKey, Ctx, EngineError, Keepalive, ListenOptions, ListenerId, TimerKey, View,
+    CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, TimerKey, View,
 };
 use crate::role::{Reconfigure, Report, Role};
 
@@ -584,14 +584,7 @@ impl Role for TunnelServer {
             return;
         }
         self.pending += 1;
-        let keepalive = Keepalive {
-            idle: std::time::Duration::from_secs(15),
-            interval: std::time::Duration::from_secs(5),
-            user_timeout: Some(self.config.heartbeat_timeout),
-        };
-        if let Err(e) = ctx.set_keepalive(conn, keepalive) {
-            debug!("{conn}: keepalive: {e}");
-        }
+        link_keepalive(ctx, conn, self.config.heartbeat_timeout);
         let now = ctx.now();
         let li = self.mux.add_link(
             conn,
