@@ -105,7 +105,7 @@ impl Handle {
 
     /// Connections currently held by the engine (accepted and outbound).
     pub fn connections(&self) -> u64 {
-        self.shared.stats.connections.load(Ordering::Relaxed)
+        self.shared.stats.connections.load(Ordering::Acquire)
     }
 
     /// A snapshot of the engine's counters.
@@ -158,7 +158,7 @@ macro_rules! stats {
 
         impl Stats {
             pub(crate) fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+                StatsSnapshot { $($name: self.$name.load(Ordering::Acquire),)* }
             }
         }
     };
@@ -198,12 +198,15 @@ stats! {
     turns_total,
 }
 
+// Release on update, Acquire on read: a thread that reads a counter also sees
+// everything the loop recorded before updating it (a role's own counters, for
+// one), which is what lets a test wait on `connections` and then check them.
 impl Stats {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.fetch_add(n, Ordering::Release);
     }
 
     pub(crate) fn sub(counter: &AtomicU64, n: u64) {
-        counter.fetch_sub(n, Ordering::Relaxed);
+        counter.fetch_sub(n, Ordering::Release);
     }
 }

@@ -989,8 +989,6 @@ impl Engine {
             };
             let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
             debug!("{key} closed ({reason})");
-            Stats::sub(&self.core.shared.stats.connections, 1);
-            Stats::add(&self.core.shared.stats.closed_total, 1);
             // The role runs while the slot is still taken: its key is stale for
             // every call but `Ctx::pending_input`, which shows unconsumed input.
             if never_connected {
@@ -999,6 +997,10 @@ impl Engine {
             } else {
                 self.call(role, |r, ctx| r.on_closed(ctx, key, reason));
             }
+            // Counted after the role has seen the close, so a reader that sees
+            // the connection gone also sees the role's own counters settled.
+            Stats::sub(&self.core.shared.stats.connections, 1);
+            Stats::add(&self.core.shared.stats.closed_total, 1);
             let c = self.core.conns.remove(idx);
             if let Some(b) = c.rx {
                 self.core.pool.give_back(b);
