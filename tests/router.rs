@@ -268,8 +268,13 @@ impl Rt {
         s
     }
 
+    /// The recent unknown ids as logs show them (quoted text or `hex:..`).
     fn recent_unknown(&self) -> Vec<(String, SocketAddr)> {
-        self.stats.recent_unknown()
+        self.stats
+            .recent_unknown()
+            .into_iter()
+            .map(|(id, peer)| (id.to_string(), peer))
+            .collect()
     }
 }
 

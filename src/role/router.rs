@@ -64,16 +64,55 @@ impl std::fmt::Debug for Id {
     }
 }
 
-/// Printable text if the bytes are printable ASCII, else `hex:..`.
-fn preview(bytes: &[u8]) -> String {
-    let shown = bytes.get(..bytes.len().min(32)).unwrap_or_default();
-    let more = if bytes.len() > shown.len() { "…" } else { "" };
-    if shown.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
-        format!("{:?}{more}", String::from_utf8_lossy(shown))
-    } else {
-        let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
-        format!("hex:{hex}{more}")
+/// An id as people see it, in logs and in the status report: its first 32
+/// bytes, as text when they are printable ASCII, else as hex; `…` marks a
+/// longer id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShownId {
+    /// Whether `value` is the id's own text (else its bytes in hex).
+    pub text: bool,
+    /// The text, or the hex digits.
+    pub value: String,
+}
+
+impl ShownId {
+    fn new(bytes: &[u8]) -> Self {
+        let shown = bytes.get(..bytes.len().min(32)).unwrap_or_default();
+        let more = if bytes.len() > shown.len() { "…" } else { "" };
+        if shown.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            let text = String::from_utf8_lossy(shown);
+            ShownId {
+                text: true,
+                value: format!("{text}{more}"),
+            }
+        } else {
+            let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
+            ShownId {
+                text: false,
+                value: format!("{hex}{more}"),
+            }
+        }
     }
+
+    /// The status report's field for it: `id` (text) or `id_hex`.
+    fn write(&self, out: &mut Report) {
+        out.str(if self.text { "id" } else { "id_hex" }, &self.value);
+    }
+}
+
+/// Quoted text (so spaces show) or `hex:..`: how logs show an id.
+impl std::fmt::Display for ShownId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.text {
+            write!(f, "{:?}", self.value)
+        } else {
+            write!(f, "hex:{}", self.value)
+        }
+    }
+}
+
+fn preview(bytes: &[u8]) -> String {
+    ShownId::new(bytes).to_string()
 }
 
 /// Counters of one router, readable from any thread ([`Router::stats`]).
@@ -99,12 +138,12 @@ pub struct RouterStats {
     pub unrouted_bytes: AtomicU64,
     /// Connections refused (max_pending, max_pending_per_ip, max_apps, offline = close).
     pub refused: AtomicU64,
-    recent: Mutex<VecDeque<(String, SocketAddr)>>,
+    recent: Mutex<VecDeque<(ShownId, SocketAddr)>>,
 }
 
 impl RouterStats {
-    /// The most recent unknown ids (preview, peer), oldest first.
-    pub fn recent_unknown(&self) -> Vec<(String, SocketAddr)> {
+    /// The most recent unknown ids and their peers, oldest first.
+    pub fn recent_unknown(&self) -> Vec<(ShownId, SocketAddr)> {
         self.recent
             .lock()
             .map(|r| r.iter().cloned().collect())
@@ -514,7 +553,7 @@ impl Router {
     }
 
     fn unknown(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr, id: &[u8]) {
-        let shown = preview(id);
+        let shown = ShownId::new(id);
         warn!(
             "{}: unknown id {shown} from {peer}; closing",
             self.config.name
@@ -892,7 +931,7 @@ impl Role for Router {
             down += c.bytes_down;
             out.open_object(None);
             out.str("name", &c.name);
-            out.str("id", &preview(c.id.as_slice()));
+            ShownId::new(c.id.as_slice()).write(out);
             out.bool("online", c.device.is_some());
             out.age("since_seconds", c.since);
             out.addr("peer", c.device.map(|(_, p)| p));
@@ -906,7 +945,7 @@ impl Role for Router {
         out.open_array(Some("recent_unknown"));
         for (id, peer) in st.recent_unknown() {
             out.open_object(None);
-            out.str("id", &id);
+            id.write(out);
             out.addr("peer", Some(peer));
             out.close_object();
         }
@@ -1239,7 +1278,11 @@ mod tests {
     fn previews_are_text_or_hex() {
         assert_eq!(preview(b"c0001"), "\"c0001\"");
         assert_eq!(preview(b"\x01\xff"), "hex:01ff");
-        assert!(preview(&[b'a'; 40]).ends_with('…'));
+        assert!(preview(&[b'a'; 40]).ends_with("…\""));
+        let text = ShownId::new(b"c 1");
+        assert!(text.text && text.value == "c 1", "{text:?}");
+        let hex = ShownId::new(b"\x01\xff");
+        assert!(!hex.text && hex.value == "01ff", "{hex:?}");
     }
 
     #[test]
