@@ -1660,10 +1660,12 @@ fn devices_at_scale_each_echo_through_their_own_connpt() {
         || rt.get(|s| &s.online) == 0,
         || (&rt.stats, brief(&rt.engine.stats())),
     );
-    assert_eq!(
-        rt.engine.handle.connections(),
-        n as u64,
-        "applications left"
+    // Each close is counted just after the router has seen it.
+    wait_for(
+        "only the applications left",
+        step,
+        || rt.engine.handle.connections() == n as u64,
+        || brief(&rt.engine.stats()),
     );
     writeln!(to_child, "close apps").unwrap();
     expect_line(&lines, "SCALE apps closed", step, &stderr);
