@@ -279,11 +279,7 @@ fn std_accept_loop(listener: &TcpListener, stop: &AtomicBool, cpu: &Arc<StdCpu>)
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
-    let sock = TcpStream::connect(addr)?;
-    sock.set_nodelay(true)?;
-    sock.set_read_timeout(Some(STALL))?;
-    sock.set_write_timeout(Some(STALL))?;
-    Ok(sock)
+    Ok(harness::connect(addr, STALL)?)
 }
 
 /// `conns` connections each send `per_conn` bytes in 64 KiB writes; a reader per

@@ -211,11 +211,7 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Re
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
-    let sock = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    sock.set_nodelay(true)?;
-    sock.set_read_timeout(Some(STALL))?;
-    sock.set_write_timeout(Some(STALL))?;
-    Ok(sock)
+    Ok(harness::connect(addr, STALL)?)
 }
 
 // ===== configurations =====

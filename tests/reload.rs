@@ -754,7 +754,7 @@ fn engine_settings_comments_and_key_order_restart_nothing() {
         show(&answer)
     );
     // The client may see the close a moment before the loop has counted it.
-    util::wait_until(Duration::from_secs(5), || {
+    wait_until(Duration::from_secs(5), || {
         live.engine.stats().closed_total >= 1
     });
     assert_eq!(live.engine.stats().closed_total, 1, "only the admin client");

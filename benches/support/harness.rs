@@ -3,9 +3,12 @@
 //! `#[path]`; each bench uses what it needs.
 #![allow(dead_code, reason = "each bench uses a different subset")]
 
+use std::io;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use switchboard::{Engine, EngineError};
 
@@ -34,7 +37,7 @@ pub(crate) fn this_task() -> Option<PathBuf> {
 pub(crate) type EngineThread = (JoinHandle<Result<(), EngineError>>, Arc<OnceLock<PathBuf>>);
 
 /// Run `engine` (already started) on its own thread.
-pub(crate) fn spawn_engine(mut engine: Engine) -> std::io::Result<EngineThread> {
+pub(crate) fn spawn_engine(mut engine: Engine) -> io::Result<EngineThread> {
     let task = Arc::new(OnceLock::new());
     let me = Arc::clone(&task);
     let thread = thread::Builder::new()
@@ -56,4 +59,15 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     let rank = (p * sorted.len() as f64).ceil() as usize;
     let i = rank.clamp(1, sorted.len()) - 1;
     sorted.get(i).copied().unwrap_or_default() as f64 / 1_000.0
+}
+
+/// A client connection with no Nagle delay whose reads and writes fail after
+/// `stall` without progress (so a stuck run ends with an error, not a hang).
+pub(crate) fn connect(addr: SocketAddr, stall: Duration) -> io::Result<TcpStream> {
+    let sock = TcpStream::connect(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("connect {addr}: {e}")))?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(stall))?;
+    sock.set_write_timeout(Some(stall))?;
+    Ok(sock)
 }
