@@ -76,7 +76,8 @@
 //!    KiB per mapping from `/proc/<pid>/smaps`, and PSS) of each process after
 //!    1 s. Target <= 2 MiB per process. Then a second agent (`b`) links and
 //!    the burst of part 5 runs against the binaries: VmRSS of each process
-//!    before, during, VmHWM, and after (once its fd count is back).
+//!    before, during, VmHWM, and after (2.5 s after its fd count is back, so the
+//!    buffer pool has freed what the burst left idle).
 //!
 //! `SWITCHBOARD_BENCH_QUICK=1` (or no `--bench` on the command line, as with
 //! `cargo test --benches`) shrinks the volumes so a run takes seconds.
@@ -146,6 +147,8 @@ const STALL: Duration = Duration::from_secs(10);
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Pause before a memory reading, so the loops finish their turns.
 const SETTLE: Duration = Duration::from_millis(300);
+/// Long enough for the engine's buffer pool to free what a burst left idle.
+const POOL_TRIMMED: Duration = Duration::from_millis(2500);
 /// Targets.
 const TARGET_RATIO: f64 = 0.35;
 const TARGET_ADDED_US: f64 = 30.0;
@@ -1753,7 +1756,8 @@ fn rss_with_binaries(
         wait_until("the binaries to close every stream", DEADLINE, || {
             bins.iter().zip(&fds).all(|(b, &n)| b.fds() <= n)
         })?;
-        thread::sleep(SETTLE);
+        // The engine frees pooled buffers that stayed idle for 1-2 s.
+        thread::sleep(POOL_TRIMMED);
         for b in &mut bins {
             b.drain();
         }
