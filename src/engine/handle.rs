@@ -103,7 +103,8 @@ impl Handle {
             .map_err(|(e, _)| e)
     }
 
-    /// Connections currently held by the engine (accepted and outbound).
+    /// Connections currently held by the engine (accepted and outbound). A
+    /// closed connection counts until its role's `on_closed` has returned.
     pub fn connections(&self) -> u64 {
         self.shared.stats.connections.load(Ordering::Acquire)
     }
