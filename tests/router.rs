@@ -472,11 +472,15 @@ fn unknown_ids_are_closed_at_once_and_recorded() {
         peers.contains(&u2_addr) && peers.contains(&u3_addr) && !peers.contains(&u1_addr),
         "want the two latest ({u2_addr}, {u3_addr}): {recent:?}"
     );
-    for (preview, _) in &recent {
+    for (preview, peer) in &recent {
         assert!(
             preview.chars().all(|c| !c.is_control()),
             "preview is not printable: {preview:?}"
         );
+        // The binary id in the config file's hex form.
+        if *peer == u3_addr {
+            assert!(preview.starts_with("hex:01"), "{preview:?}");
+        }
     }
 
     // Nobody was identified, and the application heard nothing.

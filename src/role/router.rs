@@ -65,13 +65,13 @@ impl std::fmt::Debug for Id {
 }
 
 /// An id as people see it, in logs and in the status report: its first 32
-/// bytes, as text when they are printable ASCII, else as hex; `…` marks a
-/// longer id.
+/// bytes, as text when they are printable ASCII, else as `hex:` and hex
+/// digits — the form the config file takes — with `…` after a longer id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShownId {
-    /// Whether `value` is the id's own text (else its bytes in hex).
+    /// Whether `value` is the id's own text (else `hex:` and its bytes).
     pub text: bool,
-    /// The text, or the hex digits.
+    /// The text, or `hex:` and the hex digits.
     pub value: String,
 }
 
@@ -79,24 +79,21 @@ impl ShownId {
     fn new(bytes: &[u8]) -> Self {
         let shown = bytes.get(..bytes.len().min(32)).unwrap_or_default();
         let more = if bytes.len() > shown.len() { "…" } else { "" };
-        if shown.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
-            let text = String::from_utf8_lossy(shown);
-            ShownId {
-                text: true,
-                value: format!("{text}{more}"),
-            }
+        // Text that starts like the config's hex form is shown in hex too.
+        let text =
+            shown.iter().all(|b| b.is_ascii_graphic() || *b == b' ') && !shown.starts_with(b"hex:");
+        let value = if text {
+            format!("{}{more}", String::from_utf8_lossy(shown))
         } else {
             let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
-            ShownId {
-                text: false,
-                value: format!("{hex}{more}"),
-            }
-        }
+            format!("hex:{hex}{more}")
+        };
+        ShownId { text, value }
     }
 
-    /// The status report's field for it: `id` (text) or `id_hex`.
+    /// The status report's `id` field.
     fn write(&self, out: &mut Report) {
-        out.str(if self.text { "id" } else { "id_hex" }, &self.value);
+        out.str("id", &self.value);
     }
 }
 
@@ -106,7 +103,7 @@ impl std::fmt::Display for ShownId {
         if self.text {
             write!(f, "{:?}", self.value)
         } else {
-            write!(f, "hex:{}", self.value)
+            f.write_str(&self.value)
         }
     }
 }
@@ -1282,7 +1279,9 @@ mod tests {
         let text = ShownId::new(b"c 1");
         assert!(text.text && text.value == "c 1", "{text:?}");
         let hex = ShownId::new(b"\x01\xff");
-        assert!(!hex.text && hex.value == "01ff", "{hex:?}");
+        assert!(!hex.text && hex.value == "hex:01ff", "{hex:?}");
+        // Never ambiguous with the config's hex form.
+        assert_eq!(ShownId::new(b"hex:1").value, "hex:6865783a31");
     }
 
     #[test]
