@@ -32,8 +32,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use util::{
-    IO_TIMEOUT, TestEngine, brief, connect, connect_with_recv_buffer, free_port, is_timeout,
-    kernel_send_buffer_max, read_to_eof, wait_for,
+    IO_TIMEOUT, TestEngine, brief, connect, connect_with_recv_buffer, expect_bytes, fixed_port,
+    is_timeout, kernel_send_buffer_max, read_to_eof, wait_for,
 };
 
 /// Bound on waiting for a state to show in the status.
@@ -710,16 +710,6 @@ fn metrics(addr: SocketAddr) -> Metrics {
 
 // ----- sockets -----
 
-fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("expecting {:?}: {e}", want.escape_ascii().to_string()));
-    assert_eq!(
-        got.escape_ascii().to_string(),
-        want.escape_ascii().to_string()
-    );
-}
-
 /// Wait (at most `limit`) for the server to close `s` without sending
 /// anything; returns how long that took.
 fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
@@ -757,37 +747,6 @@ fn expect_open(s: &mut TcpStream) {
         Err(e) => panic!("read: {e}"),
     }
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-}
-
-/// A loopback port below the kernel's ephemeral range, free a moment ago.
-/// No `connect` or port-0 bind anywhere on the machine picks such a port, so
-/// unlike one from [`util::free_port`] it stays free until the engine binds
-/// it even while other tests make thousands of connections. Falls back to
-/// [`util::free_port`] where the range cannot be read.
-fn fixed_port() -> u16 {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static LOW: OnceLock<Option<u16>> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let Some(low) = *LOW.get_or_init(|| {
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-        range.split_whitespace().next()?.parse().ok()
-    }) else {
-        return free_port();
-    };
-    // Downwards from below the range; test binaries that run at the same
-    // time start at different places.
-    let start = u32::from(low).saturating_sub(1 + (std::process::id() % 8) * 1000);
-    if start <= 2048 {
-        return free_port();
-    }
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = u16::try_from(start - n % (start - 1024)).unwrap();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 // ----- engines -----

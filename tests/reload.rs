@@ -40,8 +40,9 @@ use switchboard::engine::{ConnKey, Ctx};
 use switchboard::{Config, Engine, EngineError, Message, Role, RoleId};
 
 use util::{
-    Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, bin, brief, connect, free_port,
-    is_timeout, send_signal, target_command, wait_for, wait_until,
+    Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, bin, brief, closed_within, connect,
+    expect_bytes, expect_quiet, fixed_port, send_signal, show, target_command, wait_for,
+    wait_until,
 };
 
 /// Bound on waiting for anything.
@@ -172,37 +173,6 @@ impl Live {
     }
 }
 
-/// A loopback port below the kernel's ephemeral range, free a moment ago.
-/// No `connect` or port-0 bind anywhere on the machine picks such a port, so
-/// unlike one from [`util::free_port`] it stays free until the engine binds
-/// it even while other tests make thousands of connections. Falls back to
-/// [`util::free_port`] where the range cannot be read.
-fn fixed_port() -> u16 {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static LOW: OnceLock<Option<u16>> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let Some(low) = *LOW.get_or_init(|| {
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-        range.split_whitespace().next()?.parse().ok()
-    }) else {
-        return free_port();
-    };
-    // Downwards from below the range; test binaries that run at the same
-    // time start at different places.
-    let start = u32::from(low).saturating_sub(1 + (std::process::id() % 8) * 1000);
-    if start <= 2048 {
-        return free_port();
-    }
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = u16::try_from(start - n % (start - 1024)).unwrap();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -238,17 +208,6 @@ fn ports_below_ephemeral(n: usize) -> Option<Vec<u16>> {
 
 // ----- sockets -----
 
-fn show(b: &[u8]) -> String {
-    b.escape_ascii().to_string()
-}
-
-fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("expecting {:?}: {e}", show(want)));
-    assert_eq!(show(&got), show(want));
-}
-
 /// Write `msg` and read it back (an echo, direct or through a tunnel).
 fn echoes(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).unwrap();
@@ -258,32 +217,7 @@ fn echoes(s: &mut TcpStream, msg: &[u8]) {
 /// The engine closes `s` (EOF or reset) within [`WAIT`], after sending
 /// nothing more.
 fn expect_closed(s: &mut TcpStream) {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut buf = [0u8; 256];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(n) => panic!("expected a close, read {:?}", show(&buf[..n])),
-            Err(e) if is_timeout(&e) => panic!("not closed within {WAIT:?}"),
-            Err(e) => panic!("expected a close: {e}"),
-        }
-    }
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-}
-
-/// Nothing arrives on `s` for [`QUIET`] and it stays open.
-fn expect_quiet(s: &mut TcpStream) {
-    s.set_read_timeout(Some(QUIET)).unwrap();
-    let mut buf = [0u8; 256];
-    match s.read(&mut buf) {
-        Err(e) if is_timeout(&e) => {}
-        Ok(0) => panic!("closed"),
-        Ok(n) => panic!("unexpected {:?}", show(&buf[..n])),
-        Err(e) => panic!("read: {e}"),
-    }
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    closed_within(s, WAIT);
 }
 
 /// Whether a connection to `addr` is refused (nothing listens there).
@@ -405,8 +339,8 @@ fn router_reload_adds_and_removes_connpts_and_keeps_the_others() {
     let mut dev2 = device_online(&live, dev, "c2", &mut app2);
     both_ways(&mut dev2, &mut app2, "new");
     both_ways(&mut dev1, &mut app1, "again");
-    expect_quiet(&mut app1);
-    expect_quiet(&mut dev1);
+    expect_quiet(&mut app1, QUIET);
+    expect_quiet(&mut dev1, QUIET);
 
     // Put c3 back: a fresh connpt on the same port.
     live.reload(&router_config(dev, &[("c1", p1), ("c2", p2), ("c3", p3)]));
@@ -529,7 +463,7 @@ fn broadcast_subscriber_survives_a_reload_of_another_role() {
     let mut other = live.attach(ingest);
     other.write_all(b"four\n").unwrap();
     expect_bytes(&mut sub, b"four\n");
-    expect_quiet(&mut sub);
+    expect_quiet(&mut sub, QUIET);
 }
 
 // ----- files that do not load -----

@@ -39,8 +39,8 @@ use switchboard::role::Router;
 use switchboard::role::router::RouterStats;
 
 use util::{
-    Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, accept_within, brief, connect,
-    is_timeout, target_command, temp_file, wait_for,
+    Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, accept_within, brief, closed_within,
+    connect, expect_bytes, is_timeout, show, target_command, temp_file, wait_for,
 };
 
 /// Bound on waiting for a counter or an event.
@@ -51,18 +51,6 @@ const QUIET: Duration = Duration::from_millis(150);
 const AT_ONCE: Duration = Duration::from_secs(1);
 
 // ----- sockets -----
-
-fn show(b: &[u8]) -> String {
-    b.escape_ascii().to_string()
-}
-
-/// Read exactly `want.len()` bytes and compare.
-fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("expecting {:?}: {e}", show(want)));
-    assert_eq!(show(&got), show(want));
-}
 
 /// Read whatever arrives on `s` for `dur`; returns the bytes and whether the
 /// connection was closed (EOF or reset).
@@ -108,32 +96,9 @@ fn expect_quiet(s: &mut TcpStream) {
     );
 }
 
-/// Wait (at most `limit`) for the engine to close `s`, with no bytes before
-/// the close; returns when the close was seen.
-fn closed_at(s: &mut TcpStream, limit: Duration) -> Instant {
-    let deadline = Instant::now() + limit;
-    let mut buf = [0u8; 256];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "connection not closed within {limit:?}");
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return Instant::now(),
-            Ok(n) => panic!(
-                "expected the connection to be closed, read {:?}",
-                show(&buf[..n])
-            ),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Instant::now(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => panic!("connection not closed within {limit:?}"),
-            Err(e) => panic!("expected the connection to be closed: {e}"),
-        }
-    }
-}
-
 /// The engine closes `s` within [`AT_ONCE`].
 fn expect_closed(s: &mut TcpStream) {
-    closed_at(s, AT_ONCE);
+    closed_within(s, AT_ONCE);
 }
 
 fn finish_socket(s: Socket) -> TcpStream {
@@ -454,7 +419,7 @@ fn unknown_ids_are_closed_at_once_and_recorded() {
     thread::sleep(Duration::from_millis(40));
     u2.write_all(b"X9").unwrap();
     let u2_addr = u2.local_addr().unwrap();
-    closed_at(&mut u2, AT_ONCE + Duration::from_millis(40));
+    closed_within(&mut u2, AT_ONCE + Duration::from_millis(40));
     assert!(t0.elapsed() < Duration::from_secs(2));
     rt.wait("unknown_total", |s| &s.unknown_total, 2);
 
@@ -505,7 +470,7 @@ fn silent_client_is_closed_at_id_timeout() {
     late.write_all(b"c0001").unwrap();
 
     for (what, s) in [("silent", &mut silent), ("partial id", &mut partial)] {
-        let at = closed_at(s, Duration::from_secs(3)) - t0;
+        let at = closed_within(s, Duration::from_secs(3)) - t0;
         assert!(
             at >= ID_TIMEOUT * 3 / 4 && at < ID_TIMEOUT + Duration::from_secs(1),
             "{what} client closed after {at:?}, want about {ID_TIMEOUT:?}"
@@ -740,7 +705,7 @@ fn idle_timeout_closes_a_silent_device_and_heartbeats_keep_it_alive() {
 
     // Then silence: closed about one idle timeout after the last byte.
     let t0 = Instant::now();
-    let at = closed_at(&mut dev, Duration::from_secs(3)) - t0;
+    let at = closed_within(&mut dev, Duration::from_secs(3)) - t0;
     assert!(
         at >= IDLE * 3 / 4 && at < IDLE + Duration::from_secs(1),
         "closed after {at:?} of silence, want about {IDLE:?}"

@@ -36,7 +36,10 @@ use switchboard::codec::tunnel::{
 use switchboard::config::{EngineConfig, TunnelAgentConfig, TunnelServerConfig};
 use switchboard::role::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
 
-use util::{IO_TIMEOUT, Pattern, TestEngine, accept_within, connect, is_timeout, wait_for};
+use util::{
+    IO_TIMEOUT, Pattern, TestEngine, accept_within, closed_within, connect, expect_bytes,
+    expect_quiet, show, wait_for,
+};
 
 /// Bound on waiting for a counter, a link or a frame.
 const WAIT: Duration = Duration::from_secs(10);
@@ -222,18 +225,6 @@ fn echo_handler(mut s: TcpStream) {
 
 // ----- client sockets -----
 
-fn show(b: &[u8]) -> String {
-    b.escape_ascii().to_string()
-}
-
-/// Read exactly `want.len()` bytes and compare.
-fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("expecting {:?}: {e}", show(want)));
-    assert_eq!(show(&got), show(want));
-}
-
 /// Connect to `public`, send `msg`, read it back (through an echo service).
 fn echo_round_trip(public: SocketAddr, msg: &[u8]) {
     let mut c = connect(public);
@@ -277,41 +268,8 @@ fn pattern_clients(public: SocketAddr, clients: u64, bytes: u64) {
     }
 }
 
-/// The peer closes `s` within `limit` (EOF or reset), with nothing before the close.
-fn expect_closed_within(s: &mut TcpStream, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let mut buf = [0u8; 256];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "connection not closed within {limit:?}");
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => panic!("expected a close, read {:?}", show(&buf[..n])),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => panic!("connection not closed within {limit:?}"),
-            Err(e) => panic!("expected a close: {e}"),
-        }
-    }
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-}
-
 fn expect_closed(s: &mut TcpStream) {
-    expect_closed_within(s, AT_ONCE);
-}
-
-/// Nothing arrives on `s` for [`QUIET`], and it stays open.
-fn expect_quiet(s: &mut TcpStream) {
-    s.set_read_timeout(Some(QUIET)).unwrap();
-    let mut buf = [0u8; 256];
-    match s.read(&mut buf) {
-        Err(e) if is_timeout(&e) => {}
-        Ok(0) => panic!("expected silence, got a close"),
-        Ok(n) => panic!("expected silence, got {:?}", show(&buf[..n])),
-        Err(e) => panic!("expected silence: {e}"),
-    }
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    closed_within(s, AT_ONCE);
 }
 
 // ----- raw frames -----
@@ -528,7 +486,7 @@ fn base_agent_written_here_carries_streams() {
     expect_closed(&mut client);
     wait_count("no streams", &server.stats.streams, 0);
     // The server does not answer a base agent's CLOSE.
-    expect_quiet(&mut link);
+    expect_quiet(&mut link, QUIET);
 
     // The link going down closes the public port.
     drop(link);
@@ -615,7 +573,7 @@ fn agent_talks_to_a_base_server_written_here() {
     send_frame(&mut link, Command::Close, 7, &[]);
     wait_count("the local service to read EOF", &eofs, 1);
     wait_count("no streams", &agent.stats.streams, 0);
-    expect_quiet(&mut link);
+    expect_quiet(&mut link, QUIET);
 
     // Agent → server CLOSE: the local service closes after "bye".
     send_frame(&mut link, Command::Connect, 8, &[]);
@@ -834,7 +792,7 @@ fn malformed_and_hostile_links() {
     // A second LISTEN on a link: ignored and counted.
     send_frame(&mut good, Command::Listen, 0, &[]);
     wait_count("malformed_total", &server.stats.malformed_total, 1);
-    expect_quiet(&mut good);
+    expect_quiet(&mut good, QUIET);
 
     // LISTEN with a garbage payload: REJECT MALFORMED, link closed.
     let mut bad = connect(server.link);
@@ -1152,7 +1110,7 @@ fn agent_answers_close_when_the_local_service_is_down() {
     // The link is fine: the id can be used again.
     send_frame(&mut link, Command::Connect, 9, &[]);
     expect_frame(&mut link, Command::Close, 9);
-    expect_quiet(&mut link);
+    expect_quiet(&mut link, QUIET);
 }
 
 #[test]
@@ -1525,7 +1483,7 @@ fn handshake_timeout_and_max_pending() {
     assert_eq!(load(&server.stats.rejected_total), 1);
     // The pending one times out.
     pending.set_read_timeout(Some(WAIT)).unwrap();
-    expect_closed_within(&mut pending, WAIT);
+    closed_within(&mut pending, WAIT);
     let after = t0.elapsed();
     assert!(
         after >= Duration::from_millis(250),
@@ -1573,7 +1531,7 @@ fn empty_listen_picks_the_first_free_tokenless_service() {
     let mut three = connect(server.link);
     send_frame(&mut three, Command::Listen, 0, &[]);
     one.set_read_timeout(Some(WAIT)).unwrap();
-    expect_closed_within(&mut one, WAIT);
+    closed_within(&mut one, WAIT);
     assert_eq!(server.stats.public_addr("b"), Some(b));
     let _cb = connect(b);
     expect_connect(&mut three);

@@ -233,6 +233,61 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// Bytes as readable ASCII (escapes for the rest), for assertion messages.
+pub(crate) fn show(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+/// Read exactly `want.len()` bytes from `s` and compare.
+pub(crate) fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("expecting {:?}: {e}", show(want)));
+    assert_eq!(show(&got), show(want));
+}
+
+/// Nothing arrives on `s` for `quiet`, and it stays open. The socket's read
+/// timeout is restored after.
+pub(crate) fn expect_quiet(s: &mut TcpStream, quiet: Duration) {
+    let before = s.read_timeout().unwrap();
+    s.set_read_timeout(Some(quiet)).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Err(e) if is_timeout(&e) => {}
+        Ok(0) => panic!("expected silence, got a close"),
+        Ok(n) => panic!("expected silence, got {:?}", show(&buf[..n])),
+        Err(e) => panic!("expected silence: {e}"),
+    }
+    s.set_read_timeout(before).unwrap();
+}
+
+/// The peer closes `s` within `limit` (EOF or reset), with nothing before the
+/// close; returns when the close was seen. The socket's read timeout is
+/// restored after.
+pub(crate) fn closed_within(s: &mut TcpStream, limit: Duration) -> Instant {
+    let before = s.read_timeout().unwrap();
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 256];
+    let at = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "connection not closed within {limit:?}");
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => break Instant::now(),
+            Ok(n) => panic!(
+                "expected the connection to be closed, read {:?}",
+                show(&buf[..n])
+            ),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break Instant::now(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => panic!("connection not closed within {limit:?}"),
+            Err(e) => panic!("expected the connection to be closed: {e}"),
+        }
+    };
+    s.set_read_timeout(before).unwrap();
+    at
+}
+
 /// Read until EOF (bounded by the socket's read timeout); returns everything
 /// read. Fails the test on a timeout or error.
 pub(crate) fn read_to_eof(s: &mut TcpStream, limit: usize) -> Vec<u8> {
@@ -470,6 +525,37 @@ pub(crate) fn send_signal(pid: u32, signal: &str) {
 pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// A loopback port below the kernel's ephemeral range, free a moment ago.
+/// No `connect` or port-0 bind anywhere on the machine picks such a port, so
+/// unlike one from [`free_port`] it stays free until the engine binds
+/// it even while other tests make thousands of connections. Falls back to
+/// [`free_port`] where the range cannot be read.
+pub(crate) fn fixed_port() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static LOW: OnceLock<Option<u16>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let Some(low) = *LOW.get_or_init(|| {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        range.split_whitespace().next()?.parse().ok()
+    }) else {
+        return free_port();
+    };
+    // Downwards from below the range; test binaries that run at the same
+    // time start at different places.
+    let start = u32::from(low).saturating_sub(1 + (std::process::id() % 8) * 1000);
+    if start <= 2048 {
+        return free_port();
+    }
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(start - n % (start - 1024)).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `engine.stats()` differences are easier to read as one line.
