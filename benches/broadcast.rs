@@ -48,7 +48,7 @@
 
 #[path = "support/harness.rs"]
 mod harness;
-use harness::{percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
+use harness::{engine_cpu_ns, percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -232,11 +232,7 @@ impl Server {
 
     /// Engine thread CPU time so far, or `None` where it cannot be read.
     fn cpu_ns(&self) -> Option<u64> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.task.get().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(1));
-        }
-        task_cpu_ns(self.task.get()?)
+        engine_cpu_ns(&self.task)
     }
 
     /// Wait until the engine holds `n` connections.

@@ -23,7 +23,7 @@
 
 #[path = "support/harness.rs"]
 mod harness;
-use harness::{percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
+use harness::{engine_cpu_ns, percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -204,12 +204,7 @@ impl Server {
     fn cpu_ns(&self) -> Option<u64> {
         let deadline = Instant::now() + Duration::from_secs(5);
         match self {
-            Server::Engine { task, .. } => {
-                while task.get().is_none() && Instant::now() < deadline {
-                    thread::sleep(Duration::from_millis(1));
-                }
-                task_cpu_ns(task.get()?)
-            }
+            Server::Engine { task, .. } => engine_cpu_ns(task),
             Server::Std { cpu, .. } => {
                 while cpu.live.load(Ordering::SeqCst) > 0 {
                     if Instant::now() >= deadline {

@@ -90,7 +90,7 @@
 
 #[path = "support/harness.rs"]
 mod harness;
-use harness::{quick_mode, spawn_engine, task_cpu_ns};
+use harness::{engine_cpu_ns, quick_mode, spawn_engine};
 use std::collections::HashMap;
 use std::error::Error;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -330,11 +330,7 @@ impl Running {
 
     /// CPU time of the engine thread so far.
     fn cpu_ns(&self) -> Option<u64> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.task.get().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(1));
-        }
-        task_cpu_ns(self.task.get()?)
+        engine_cpu_ns(&self.task)
     }
 
     /// Whether `done` holds within `limit` (polled every millisecond).

@@ -90,7 +90,7 @@
 
 #[path = "support/harness.rs"]
 mod harness;
-use harness::{percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
+use harness::{engine_cpu_ns, percentile, quick_mode, spawn_engine, task_cpu_ns, this_task};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
@@ -305,11 +305,7 @@ impl Loop {
 
     /// CPU time of the loop thread so far.
     fn cpu_ns(&self) -> Option<u64> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.task.get().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(1));
-        }
-        task_cpu_ns(self.task.get()?)
+        engine_cpu_ns(&self.task)
     }
 
     fn stop(self) -> Result<()> {
@@ -337,20 +333,25 @@ struct Rig {
     base_flags: u16,
 }
 
+/// The local service: an echo engine on its own loop thread, and its address.
+fn spawn_echo() -> Result<(SocketAddr, Loop)> {
+    let config = Config::parse(&echo_toml())?;
+    let mut engine = Engine::new(config.engine.clone())?;
+    for e in &config.echo {
+        engine.add_role(Box::new(Echo::new(e)));
+    }
+    engine.start()?;
+    let echo_addr = engine
+        .listeners()
+        .first()
+        .map(|l| l.addr)
+        .ok_or("echo opened no listener")?;
+    Ok((echo_addr, Loop::spawn(engine)?))
+}
+
 impl Rig {
     fn start() -> Result<Rig> {
-        let config = Config::parse(&echo_toml())?;
-        let mut engine = Engine::new(config.engine.clone())?;
-        for e in &config.echo {
-            engine.add_role(Box::new(Echo::new(e)));
-        }
-        engine.start()?;
-        let echo_addr = engine
-            .listeners()
-            .first()
-            .map(|l| l.addr)
-            .ok_or("echo opened no listener")?;
-        let echo = Loop::spawn(engine)?;
+        let (echo_addr, echo) = spawn_echo()?;
 
         let config = Config::parse(&server_toml(
             "127.0.0.1:0",
@@ -1667,18 +1668,7 @@ struct RssFigures {
 
 fn part_rss(plan: &Plan) -> Result<RssFigures> {
     // The local service: an echo engine in this process.
-    let config = Config::parse(&echo_toml())?;
-    let mut engine = Engine::new(config.engine.clone())?;
-    for e in &config.echo {
-        engine.add_role(Box::new(Echo::new(e)));
-    }
-    engine.start()?;
-    let echo_addr = engine
-        .listeners()
-        .first()
-        .map(|l| l.addr)
-        .ok_or("echo opened no listener")?;
-    let echo = Loop::spawn(engine)?;
+    let (echo_addr, echo) = spawn_echo()?;
 
     let link = format!("127.0.0.1:{}", free_port()?);
     let path = std::env::temp_dir().join(format!(

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use switchboard::{Engine, EngineError};
 
@@ -49,6 +49,16 @@ pub(crate) fn spawn_engine(mut engine: Engine) -> io::Result<EngineThread> {
             engine.run()
         })?;
     Ok((thread, task))
+}
+
+/// CPU time of a thread from [`spawn_engine`] so far: waits (up to 5 s) for
+/// the thread to publish its task, `None` where it cannot be read.
+pub(crate) fn engine_cpu_ns(task: &OnceLock<PathBuf>) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while task.get().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    task_cpu_ns(task.get()?)
 }
 
 /// Nearest-rank percentile of sorted samples (nanoseconds), in microseconds.
