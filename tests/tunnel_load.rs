@@ -773,8 +773,16 @@ const LINGER: Duration = Duration::from_secs(2);
 #[test]
 fn frozen_client_in_base_mode_is_closed_at_stall_timeout_and_memory_stays_bounded() {
     let _g = exclusive();
-    let stall = "stall_timeout = \"1s\"\n";
-    let t = Tunnel::start(Mode::Base, stall, stall, false);
+    // The agent waits longer than the server, as PROTOCOL.md advises: while
+    // the server holds the link for the frozen client, the echo replies of
+    // the normal streams back up on the agent too, and an agent timer that
+    // ran out first would close one of them.
+    let t = Tunnel::start(
+        Mode::Base,
+        "stall_timeout = \"1s\"\n",
+        "stall_timeout = \"5s\"\n",
+        false,
+    );
     let public = t.public();
     let rss0 = rss();
     let peak = Peak::start(Duration::from_millis(10), rss);
