@@ -161,12 +161,16 @@ fn run_serves_then_stops_cleanly_on_sigterm() {
     let mut child = ChildGuard(child);
     let log = Captured::new(child.0.stderr.take().unwrap());
     const MARK: &str = "echo 'front' listening on ";
-    let ready = log.wait_for(Duration::from_secs(20), |t| {
-        t.lines().any(|l| l.contains(MARK))
-    });
+    // A whole line only: the pipe may hold the start of one whose address
+    // has not been written yet.
+    let listening = |t: &str| -> Option<String> {
+        t.split_inclusive('\n')
+            .find(|l| l.ends_with('\n') && l.contains(MARK))
+            .map(str::to_owned)
+    };
+    let ready = log.wait_for(Duration::from_secs(20), |t| listening(t).is_some());
     assert!(ready, "no listening line in the log: {}", log.text());
-    let text = log.text();
-    let line = text.lines().find(|l| l.contains(MARK)).unwrap();
+    let line = listening(&log.text()).unwrap();
     let addr: SocketAddr = line[line.find(MARK).unwrap() + MARK.len()..]
         .trim()
         .parse()
