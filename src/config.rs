@@ -78,13 +78,13 @@ listen = "127.0.0.1:7200"
   [[tunnel_server.service]]
   name = "demo"
   public = "127.0.0.1:7201"
-  token = "demo-token"
+  token = "demo-token-loopback-only"
 
 [[tunnel_agent]]
 name = "demo"
 server = "127.0.0.1:7200"
 local = "127.0.0.1:7007"
-token = "demo-token"
+token = "demo-token-loopback-only"
 
 # curl http://127.0.0.1:7080/status (also /metrics, /healthz).
 [admin]
@@ -617,6 +617,8 @@ pub const DEFAULT_TUNNEL_MAX_DATA: usize = 16 * 1024;
 pub const MAX_TUNNEL_FRAME: usize = u16::MAX as usize;
 /// The most streams one link can carry (the one-byte client id).
 pub const MAX_TUNNEL_STREAMS: usize = 256;
+/// The shortest tunnel `token` accepted, in bytes.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// `[[tunnel_server]]`: agents dial in; clients of each service's public port
 /// are multiplexed over that service's link.
@@ -661,9 +663,13 @@ pub struct TunnelServerConfig {
         deserialize_with = "de_duration"
     )]
     pub handshake_timeout: Duration,
-    /// Links still in their handshake at once; more are closed.
+    /// Links still in their handshake at once; when full, the oldest is
+    /// closed to make room for a new one.
     #[serde(default = "default_max_pending_links")]
     pub max_pending: usize,
+    /// Links in their handshake from one address at once; more are closed.
+    #[serde(default = "default_max_pending_links_per_ip")]
+    pub max_pending_per_ip: usize,
     /// Base mode: an id the server closed stays unused this long.
     #[serde(default = "default_id_quarantine", deserialize_with = "de_duration")]
     pub id_quarantine: Duration,
@@ -776,6 +782,9 @@ fn default_handshake_timeout() -> Duration {
 }
 fn default_max_pending_links() -> usize {
     64
+}
+fn default_max_pending_links_per_ip() -> usize {
+    4
 }
 fn default_id_quarantine() -> Duration {
     Duration::from_secs(2)
@@ -892,6 +901,26 @@ fn validate_tunnel_common(
     Ok(())
 }
 
+/// Refuse an empty or short shared secret: a tunnel token guards a public
+/// port, and a short one falls to guessing.
+fn check_token(token: Option<&str>, key: String) -> Result<(), ConfigError> {
+    let message = match token {
+        None => return Ok(()),
+        Some("") => "must not be empty (omit it for a service without a token)".to_owned(),
+        Some(t) if t.len() < MIN_TOKEN_LEN => format!(
+            "is {} bytes; a token needs at least {MIN_TOKEN_LEN} \
+             (make a good one with `openssl rand -hex 32`)",
+            t.len()
+        ),
+        Some(_) => return Ok(()),
+    };
+    Err(ConfigError {
+        file: None,
+        key,
+        message,
+    })
+}
+
 fn validate_tunnel_server(
     i: usize,
     t: &TunnelServerConfig,
@@ -934,6 +963,9 @@ fn validate_tunnel_server(
     if t.max_pending == 0 {
         return err(key("max_pending"), "must be at least 1".to_owned());
     }
+    if t.max_pending_per_ip == 0 {
+        return err(key("max_pending_per_ip"), "must be at least 1".to_owned());
+    }
     if t.service.is_empty() {
         return err(key("service"), "at least one service is needed".to_owned());
     }
@@ -956,12 +988,7 @@ fn validate_tunnel_server(
                 format!("service '{}' is defined twice", s.name),
             );
         }
-        if s.token.as_deref() == Some("") {
-            return err(
-                skey("token"),
-                "must not be empty (omit it for a service without a token)".to_owned(),
-            );
-        }
+        check_token(s.token.as_deref(), skey("token"))?;
         check_unique(seen, s.public, skey("public"))?;
     }
     Ok(())
@@ -1009,12 +1036,7 @@ fn validate_tunnel_agent(
             );
         }
     }
-    if a.token.as_deref() == Some("") {
-        return err(
-            key("token"),
-            "must not be empty (omit it for a service without a token)".to_owned(),
-        );
-    }
+    check_token(a.token.as_deref(), key("token"))?;
     if a.token.is_some() && !a.extensions {
         return err(
             key("token"),
@@ -1796,12 +1818,42 @@ mod tests {
         );
         let base_token = ok.replace(
             "local = \"127.0.0.1:23\"",
-            "local = \"127.0.0.1:23\"\nextensions = false\ntoken = \"t\"",
+            "local = \"127.0.0.1:23\"\nextensions = false\ntoken = \"0123456789abcdef\"",
         );
-        assert_eq!(
-            Config::parse(&base_token).unwrap_err().key,
-            "tunnel_agent[0].token"
-        );
+        let e = Config::parse(&base_token).unwrap_err();
+        assert_eq!(e.key, "tunnel_agent[0].token");
+        assert!(e.message.contains("extensions"), "{e}");
+    }
+
+    #[test]
+    fn short_tokens_are_refused_with_a_way_to_make_a_good_one() {
+        let server = |token: &str| {
+            format!(
+                "[[tunnel_server]]\nlisten = \"127.0.0.1:9000\"\n[[tunnel_server.service]]\n\
+                 name = \"d\"\npublic = \"127.0.0.1:2323\"\ntoken = \"{token}\"\n"
+            )
+        };
+        let agent = |token: &str| {
+            format!(
+                "[[tunnel_agent]]\nserver = \"gw.example:9000\"\nlocal = \"127.0.0.1:23\"\n\
+                 token = \"{token}\"\n"
+            )
+        };
+        for (text, key) in [
+            (server("change-me"), "tunnel_server[0].service[0].token"),
+            (
+                server("0123456789abcde"),
+                "tunnel_server[0].service[0].token",
+            ),
+            (agent("change-me"), "tunnel_agent[0].token"),
+        ] {
+            let e = Config::parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{text}");
+            assert!(e.message.contains("at least 16"), "{e}");
+            assert!(e.message.contains("openssl rand -hex 32"), "{e}");
+        }
+        assert!(Config::parse(&server("0123456789abcdef")).is_ok());
+        assert!(Config::parse(&agent("0123456789abcdef")).is_ok());
     }
 
     #[test]

@@ -86,7 +86,7 @@ const TUNNEL_WORKERS: usize = 3;
 const SUBSCRIBERS: usize = 3;
 /// The tunnel service and its token.
 const SERVICE: &str = "svc";
-const TOKEN: &str = "soak-token";
+const TOKEN: &str = "soak-token-0123456789";
 /// Bound on any one router session, tunnel stream or wait.
 const LIMIT: Duration = Duration::from_secs(30);
 /// Every admin request must be answered within this.

@@ -416,12 +416,12 @@ fn accept_link(listener: &TcpListener) -> TcpStream {
 #[test]
 fn extended_with_token_round_trips_sequential_and_concurrent_clients() {
     let service = LocalService::echo();
-    let server = start_simple_server("svc", Some("s3cret"), "");
+    let server = start_simple_server("svc", Some("s3cret-0123456789"), "");
     let agent = start_agent(&agent_config(&agent_toml(
         "svc",
         server.link,
         service.addr,
-        "token = \"s3cret\"",
+        "token = \"s3cret-0123456789\"",
     )));
     assert_eq!(wait_agent_up(&agent), ext::ALL, "every extension granted");
     assert_eq!(ext::ALL, 0x3f);
@@ -505,7 +505,7 @@ fn base_agent_written_here_carries_streams() {
 
 #[test]
 fn service_with_token_refuses_an_empty_listen() {
-    let server = start_simple_server("locked", Some("s3cret"), "");
+    let server = start_simple_server("locked", Some("s3cret-0123456789"), "");
     let mut link = connect(server.link);
     send_frame(&mut link, Command::Listen, 0, &[]);
     // A base agent understands no REJECT: the link is just closed.
@@ -600,7 +600,7 @@ fn agent_with_token_refuses_a_base_server() {
         "dev1",
         listener.local_addr().unwrap(),
         service.addr,
-        "token = \"s3cret\"",
+        "token = \"s3cret-0123456789\"",
     )));
     let mut link = accept_link(&listener);
     let p = expect_frame(&mut link, Command::Listen, 0);
@@ -617,12 +617,12 @@ fn agent_with_token_refuses_a_base_server() {
 
 #[test]
 fn wrong_token_is_rejected_by_hand() {
-    let server = start_simple_server("svc", Some("right"), "");
+    let server = start_simple_server("svc", Some("right-0123456789"), "");
     let mut link = connect(server.link);
     let na = [0x11; NONCE_LEN];
     let hello = hand_listen(&mut link, ext::AUTH | ext::CLOSE_ACK, na, b"svc");
     assert_eq!(hello.flags, ext::AUTH | ext::CLOSE_ACK);
-    let bad = agent_tag(b"wrong", &na, &hello.nonce, hello.flags, b"svc");
+    let bad = agent_tag(b"wrong-0123456789", &na, &hello.nonce, hello.flags, b"svc");
     send_frame(&mut link, Command::Auth, 0, &bad);
     expect_reject(&mut link, reject::AUTH_FAILED);
     assert_eq!(load(&server.stats.auth_failed_total), 1);
@@ -634,12 +634,12 @@ fn wrong_token_is_rejected_by_hand() {
 #[test]
 fn agent_with_wrong_token_gets_auth_failed() {
     let service = LocalService::echo();
-    let server = start_simple_server("svc", Some("right"), "");
+    let server = start_simple_server("svc", Some("right-0123456789"), "");
     let agent = start_agent(&agent_config(&agent_toml(
         "svc",
         server.link,
         service.addr,
-        "token = \"wrong\"\nreconnect_min = \"30s\"",
+        "token = \"wrong-0123456789\"\nreconnect_min = \"30s\"",
     )));
     wait_count(
         "the server's AUTH failure",
@@ -668,12 +668,12 @@ fn agent_with_wrong_token_gets_auth_failed() {
 #[test]
 fn agent_reports_why_its_link_was_refused() {
     let service = LocalService::echo();
-    let server = start_simple_server("svc", Some("right"), "");
+    let server = start_simple_server("svc", Some("right-0123456789"), "");
     let agent = start_agent(&agent_config(&agent_toml(
         "svc",
         server.link,
         service.addr,
-        "token = \"wrong\"\nreconnect_min = \"30s\"",
+        "token = \"wrong-0123456789\"\nreconnect_min = \"30s\"",
     )));
     wait_count(
         "the agent's AUTH failure",
@@ -696,7 +696,7 @@ fn agent_reports_why_its_link_was_refused() {
         "dev1",
         listener.local_addr().unwrap(),
         service.addr,
-        "token = \"s3cret\"\nreconnect_min = \"30s\"",
+        "token = \"s3cret-0123456789\"\nreconnect_min = \"30s\"",
     )));
     let mut link = accept_link(&listener);
     expect_frame(&mut link, Command::Listen, 0);
@@ -717,9 +717,9 @@ fn agent_reports_why_its_link_was_refused() {
 
 #[test]
 fn replayed_handshake_is_rejected_and_ready_tag_verifies() {
-    let token = b"s3cret";
+    let token = b"s3cret-0123456789";
     let name = b"svc";
-    let server = start_simple_server("svc", Some("s3cret"), "");
+    let server = start_simple_server("svc", Some("s3cret-0123456789"), "");
 
     // A correct handshake by hand, recording what the agent sends.
     let mut link = connect(server.link);
@@ -920,12 +920,12 @@ fn half_close_delivers_the_reply_after_the_request_ends() {
             s.write_all(reply.as_bytes()).ok();
         }
     });
-    let server = start_simple_server("svc", Some("s3cret"), "");
+    let server = start_simple_server("svc", Some("s3cret-0123456789"), "");
     let agent = start_agent(&agent_config(&agent_toml(
         "svc",
         server.link,
         service.addr,
-        "token = \"s3cret\"",
+        "token = \"s3cret-0123456789\"",
     )));
     assert_ne!(wait_agent_up(&agent) & ext::HALF_CLOSE, 0);
     let public = wait_public(&server.stats, "svc");
@@ -991,14 +991,14 @@ fn server_max_streams_refuses_the_extra_client() {
 #[test]
 fn second_agent_takes_the_service_over() {
     let service = LocalService::echo();
-    let server = start_simple_server("svc", Some("s3cret"), "");
+    let server = start_simple_server("svc", Some("s3cret-0123456789"), "");
     // The first agent waits long before redialling, so it does not take
     // the service back during the test.
     let first = start_agent(&agent_config(&agent_toml(
         "svc",
         server.link,
         service.addr,
-        "token = \"s3cret\"\nreconnect_min = \"30s\"\nreconnect_max = \"60s\"",
+        "token = \"s3cret-0123456789\"\nreconnect_min = \"30s\"\nreconnect_max = \"60s\"",
     )));
     wait_agent_up(&first);
     let public = wait_public(&server.stats, "svc");
@@ -1011,7 +1011,7 @@ fn second_agent_takes_the_service_over() {
         "svc",
         server.link,
         service.addr,
-        "token = \"s3cret\"",
+        "token = \"s3cret-0123456789\"",
     )));
     wait_agent_up(&second);
     wait_count(
@@ -1369,14 +1369,14 @@ fn agent_reconnects_after_the_server_restarts() {
     let port = util::free_port();
     let toml = format!(
         "[[tunnel_server]]\nlisten = \"127.0.0.1:{port}\"\n\
-         [[tunnel_server.service]]\nname = \"svc\"\npublic = \"127.0.0.1:0\"\ntoken = \"t\"\n"
+         [[tunnel_server.service]]\nname = \"svc\"\npublic = \"127.0.0.1:0\"\ntoken = \"t-0123456789abcdef\"\n"
     );
     let server = start_server(&toml);
     let agent = start_agent(&agent_config(&agent_toml(
         "svc",
         server.link,
         service.addr,
-        "token = \"t\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"",
+        "token = \"t-0123456789abcdef\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"",
     )));
     wait_agent_up(&agent);
     echo_round_trip(wait_public(&server.stats, "svc"), b"one");
@@ -1470,17 +1470,18 @@ fn heartbeat_keeps_an_idle_link_up() {
 fn handshake_timeout_and_max_pending() {
     let server = start_simple_server(
         "svc",
-        Some("t"),
+        Some("t-0123456789abcdef"),
         "handshake_timeout = \"300ms\"\nmax_pending = 1",
     );
     // One link in its handshake (HELLO received, AUTH not sent).
+    let mut first = connect(server.link);
+    hand_listen(&mut first, ext::AUTH, [1; NONCE_LEN], b"svc");
+    // Another arrives: the table is full, so the oldest makes room.
     let mut pending = connect(server.link);
     let t0 = Instant::now();
-    hand_listen(&mut pending, ext::AUTH, [1; NONCE_LEN], b"svc");
-    // Another is closed at once.
-    let mut extra = connect(server.link);
-    expect_closed(&mut extra);
-    assert_eq!(load(&server.stats.rejected_total), 1);
+    expect_closed(&mut first);
+    assert_eq!(load(&server.stats.pending_evicted_total), 1);
+    hand_listen(&mut pending, ext::AUTH, [4; NONCE_LEN], b"svc");
     // The pending one times out.
     pending.set_read_timeout(Some(WAIT)).unwrap();
     closed_within(&mut pending, WAIT);
@@ -1497,7 +1498,13 @@ fn handshake_timeout_and_max_pending() {
         &mut link,
         Command::Auth,
         0,
-        &agent_tag(b"t", &na, &hello.nonce, hello.flags, b"svc"),
+        &agent_tag(
+            b"t-0123456789abcdef",
+            &na,
+            &hello.nonce,
+            hello.flags,
+            b"svc",
+        ),
     );
     expect_frame(&mut link, Command::Ready, 0);
     wait_public(&server.stats, "svc");
@@ -1510,7 +1517,7 @@ fn handshake_timeout_and_max_pending() {
 fn empty_listen_picks_the_first_free_tokenless_service() {
     let server = start_server(
         "[[tunnel_server]]\nlisten = \"127.0.0.1:0\"\n\
-         [[tunnel_server.service]]\nname = \"a\"\npublic = \"127.0.0.1:0\"\ntoken = \"t\"\n\
+         [[tunnel_server.service]]\nname = \"a\"\npublic = \"127.0.0.1:0\"\ntoken = \"t-0123456789abcdef\"\n\
          [[tunnel_server.service]]\nname = \"b\"\npublic = \"127.0.0.1:0\"\n\
          [[tunnel_server.service]]\nname = \"c\"\npublic = \"127.0.0.1:0\"\n",
     );
@@ -1536,4 +1543,236 @@ fn empty_listen_picks_the_first_free_tokenless_service() {
     let _cb = connect(b);
     expect_connect(&mut three);
     assert_eq!(load(&server.stats.links), 2);
+}
+
+// ===== hardening: admission, throttling, honest stream ends, bounded logs =====
+
+/// Connect to `to` from the loopback address `src` (127.0.0.0/8 is all
+/// local), with the usual timeouts.
+fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((src, 0)).into()).unwrap();
+    sock.connect_timeout(&to.into(), IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect from {src:?} to {to}: {e}"));
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Connect from `src` and wait until the engine has accepted it (so the
+/// order in which the server saw connections is the order of the calls).
+fn attach_from(server: &Server, src: [u8; 4]) -> TcpStream {
+    let before = server.engine.stats().accepted_total;
+    let s = connect_from(src, server.link);
+    wait_for(
+        "the server to accept a link",
+        WAIT,
+        || server.engine.stats().accepted_total > before,
+        || (),
+    );
+    s
+}
+
+/// The peer ends `s` with a reset (not a FIN) within `AT_ONCE`; bytes
+/// before it are returned.
+fn read_until_reset(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(AT_ONCE)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("clean EOF (FIN) after {:?}; expected a reset", show(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("expected a reset, got {e} after {:?}", show(&got)),
+        }
+    }
+}
+
+/// A full extended handshake with `token` for service `svc`.
+fn hand_auth(s: &mut TcpStream, token: &[u8], nonce: [u8; NONCE_LEN]) {
+    let hello = hand_listen(s, ext::AUTH, nonce, b"svc");
+    let tag = agent_tag(token, &nonce, &hello.nonce, hello.flags, b"svc");
+    send_frame(s, Command::Auth, 0, &tag);
+    expect_frame(s, Command::Ready, 0);
+}
+
+#[test]
+fn silent_links_cannot_lock_a_real_agent_out() {
+    const TOKEN: &[u8] = b"t-0123456789abcdef";
+    let server = start_simple_server(
+        "svc",
+        Some("t-0123456789abcdef"),
+        "max_pending = 4\nmax_pending_per_ip = 2",
+    );
+    // Two silent links from one address; a third from it is closed at once.
+    let mut a = attach_from(&server, [127, 0, 0, 1]);
+    let _b = attach_from(&server, [127, 0, 0, 1]);
+    let mut c = connect_from([127, 0, 0, 1], server.link);
+    expect_closed(&mut c);
+    assert_eq!(load(&server.stats.pending_refused_total), 1);
+    // Two more from another address fill the table.
+    let _d = attach_from(&server, [127, 0, 0, 2]);
+    let _e = attach_from(&server, [127, 0, 0, 2]);
+    // A real agent still gets in: the oldest silent link makes room.
+    let mut real = connect_from([127, 0, 0, 3], server.link);
+    hand_auth(&mut real, TOKEN, [9; NONCE_LEN]);
+    expect_closed(&mut a);
+    assert_eq!(load(&server.stats.pending_evicted_total), 1);
+    wait_public(&server.stats, "svc");
+    // The address whose link was evicted may start a handshake again.
+    let mut again = connect_from([127, 0, 0, 1], server.link);
+    hand_listen(&mut again, ext::AUTH, [5; NONCE_LEN], b"svc");
+}
+
+#[test]
+fn failed_authentications_close_an_address_on_accept() {
+    const TOKEN: &[u8] = b"t-0123456789abcdef";
+    let server = start_simple_server("svc", Some("t-0123456789abcdef"), "");
+    for k in 0..5u8 {
+        let mut s = connect_from([127, 0, 0, 1], server.link);
+        let na = [k; NONCE_LEN];
+        let hello = hand_listen(&mut s, ext::AUTH, na, b"svc");
+        let bad = agent_tag(
+            b"not-the-token-0123",
+            &na,
+            &hello.nonce,
+            hello.flags,
+            b"svc",
+        );
+        send_frame(&mut s, Command::Auth, 0, &bad);
+        expect_reject(&mut s, reject::AUTH_FAILED);
+    }
+    assert_eq!(load(&server.stats.auth_failed_total), 5);
+    // The sixth link from that address is closed before any HELLO, even
+    // with the right token.
+    let mut blocked = connect_from([127, 0, 0, 1], server.link);
+    send_frame(
+        &mut blocked,
+        Command::Listen,
+        0,
+        &listen_payload(ext::AUTH, 65536, [7; NONCE_LEN], b"svc"),
+    );
+    expect_link_closed(&mut blocked);
+    assert_eq!(load(&server.stats.throttled_total), 1);
+    assert_eq!(load(&server.stats.auth_failed_total), 5);
+    // Another address is not affected.
+    let mut other = connect_from([127, 0, 0, 2], server.link);
+    hand_auth(&mut other, TOKEN, [8; NONCE_LEN]);
+    wait_public(&server.stats, "svc");
+}
+
+#[test]
+fn a_dead_link_resets_public_clients_and_close_still_ends_with_fin() {
+    let server = start_simple_server("open", None, "");
+    let mut link = connect(server.link);
+    send_frame(&mut link, Command::Listen, 0, &[]);
+    let public = wait_public(&server.stats, "open");
+
+    // A normal end: every byte, then EOF.
+    let mut done = connect(public);
+    let (id, _) = expect_connect(&mut link);
+    let answer = vec![b'a'; 100_000];
+    for chunk in answer.chunks(16 * 1024) {
+        send_frame(&mut link, Command::Data, id, chunk);
+    }
+    send_frame(&mut link, Command::Close, id, &[]);
+    let got = util::read_to_eof(&mut done, 1 << 20);
+    assert_eq!(
+        got.len(),
+        answer.len(),
+        "a CLOSEd stream delivers every byte"
+    );
+
+    // The link dies mid-transfer: the client reads what came, then a reset.
+    let mut cut = connect(public);
+    let (id, _) = expect_connect(&mut link);
+    send_frame(&mut link, Command::Data, id, b"partial");
+    expect_bytes(&mut cut, b"partial");
+    drop(link);
+    let rest = read_until_reset(&mut cut);
+    assert!(rest.is_empty(), "{:?}", show(&rest));
+}
+
+#[test]
+fn agent_resets_its_local_connections_when_it_loses_the_server() {
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _agent = start_agent(&agent_config(&agent_toml(
+        "dev1",
+        listener.local_addr().unwrap(),
+        local.local_addr().unwrap(),
+        "reconnect_min = \"30s\"\nreconnect_max = \"60s\"",
+    )));
+    let mut link = accept_link(&listener);
+    expect_frame(&mut link, Command::Listen, 0);
+    // A base server: CONNECT, then DATA for the local service.
+    send_frame(&mut link, Command::Connect, 3, &[]);
+    let mut svc = accept_within(&local, WAIT);
+    send_frame(&mut link, Command::Data, 3, b"to the device");
+    svc.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    expect_bytes(&mut svc, b"to the device");
+    drop(link);
+    let rest = read_until_reset(&mut svc);
+    assert!(rest.is_empty(), "{:?}", show(&rest));
+}
+
+#[test]
+fn hostile_connect_targets_are_cut_and_rate_limited_in_the_agent_log() {
+    use std::process::Stdio;
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut child = util::target_command(util::bin())
+        .args([
+            "agent",
+            "--server",
+            &listener.local_addr().unwrap().to_string(),
+            "--local",
+            &local.local_addr().unwrap().to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = util::Captured::new(child.stderr.take().unwrap());
+    let _child = util::ChildGuard(child);
+    let mut link = accept_link(&listener);
+    expect_frame(&mut link, Command::Listen, 0);
+    // A base server asks for 200 targets of 60,000 bytes each, off the
+    // allowlist: every one is refused with a CLOSE.
+    let target = vec![b'x'; 60_000];
+    let t0 = Instant::now();
+    for id in 0..200u8 {
+        send_frame(&mut link, Command::Connect, id, &target);
+    }
+    for id in 0..200u8 {
+        expect_frame(&mut link, Command::Close, id);
+    }
+    let took = t0.elapsed();
+    // One more after the rate limit's second: its line counts the others.
+    thread::sleep(Duration::from_millis(1100));
+    send_frame(&mut link, Command::Connect, 200, &target);
+    expect_frame(&mut link, Command::Close, 200);
+    assert!(
+        log.wait_for(WAIT, |t| t.contains("similar lines suppressed")),
+        "no suppressed count in the log:\n{}",
+        log.text()
+    );
+    let text = log.text();
+    let refused: Vec<&str> = text.lines().filter(|l| l.contains("allowlist")).collect();
+    let seconds = (t0.elapsed().as_secs() + 1) as usize;
+    assert!(
+        (2..=seconds + 1).contains(&refused.len()),
+        "{} refusal lines in {took:?}:\n{text}",
+        refused.len()
+    );
+    for line in &refused {
+        assert!(line.len() < 300, "a {}-byte line: {line}", line.len());
+        assert!(line.contains(&format!("{}…", "x".repeat(64))), "{line}");
+    }
+    assert!(text.len() < 16 * 1024, "{} bytes of log", text.len());
 }

@@ -24,7 +24,7 @@
 //! Frames are sent as they are, except:
 //!
 //! - server session: an AUTH with an empty payload carries the correct tag
-//!   for the HELLO the server sent (token `secret`); the first LISTEN with a
+//!   for the HELLO the server sent (token `secret-0123456789`); the first LISTEN with a
 //!   payload waits (briefly) for the server's HELLO or REJECT.
 //! - agent session: a HELLO with an empty payload is a valid HELLO granting
 //!   every extension the agent asked for (a 2-byte payload: those flags, as
@@ -88,7 +88,7 @@ const REPEAT: u8 = 0xF7;
 const READ: u8 = 0xF8;
 
 /// The token of service `secure` (and of the `secure` agent).
-const TOKEN: &[u8] = b"secret";
+const TOKEN: &[u8] = b"secret-0123456789";
 /// What the harness waits for an answer the engine owes at once.
 const WAIT: Duration = Duration::from_millis(20);
 /// What one session may spend in such waits that time out (a session whose

@@ -448,6 +448,21 @@ impl Ctx<'_> {
         }
     }
 
+    /// End `key` abnormally: drop anything queued and close with a TCP reset
+    /// (RST, `SO_LINGER` 0) instead of a FIN, so the peer reads an error
+    /// (`ECONNRESET`) rather than a clean end of stream. For a connection
+    /// whose data was cut short, e.g. a tunnel stream whose link died: the
+    /// peer must be able to tell a truncated transfer from a complete one.
+    pub fn reset(&mut self, key: ConnKey) {
+        let Some(c) = self.core.conn(key) else {
+            return;
+        };
+        if let Err(e) = socket2::SockRef::from(&c.sock).set_linger(Some(Duration::ZERO)) {
+            debug!("{key}: SO_LINGER 0: {e}");
+        }
+        self.core.close_now(key.index as usize, CloseReason::Local);
+    }
+
     /// Stop reading from `key` (its bytes wait in the kernel; TCP pushes back).
     pub fn pause_reading(&mut self, key: ConnKey) {
         if let Some(c) = self.core.conn_mut(key) {

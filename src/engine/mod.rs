@@ -12,6 +12,7 @@ mod buffer;
 mod conn;
 mod ctx;
 mod handle;
+mod logging;
 mod reload;
 mod timer;
 mod token;
@@ -20,6 +21,7 @@ pub use ctx::{
     ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError, View,
 };
 pub use handle::{Handle, HandleError, Message, StatsSnapshot};
+pub use logging::{LogLimit, PREVIEW_BYTES, Preview, Suppressed};
 pub use timer::TimerKey;
 pub use token::{ConnKey, ListenerId};
 

@@ -6,6 +6,7 @@
 //! timer or a message from another thread ([`crate::Handle::send`]).
 
 pub mod admin;
+mod admission;
 pub mod broadcast;
 pub mod echo;
 pub mod report;

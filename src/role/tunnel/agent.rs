@@ -20,7 +20,8 @@ use crate::codec::tunnel::{
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelAgentConfig;
 use crate::engine::{
-    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, Message, TimerKey, View,
+    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, LogLimit, Message, Preview, Suppressed,
+    TimerKey, View,
 };
 use crate::role::{Report, Role};
 
@@ -45,6 +46,18 @@ impl fmt::Display for AgentState {
             AgentState::Handshake => "handshake",
             AgentState::Up => "up",
         })
+    }
+}
+
+/// The public client of a stream, as the server named it (PEER_ADDR).
+struct Client(Option<SocketAddr>);
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(c) => write!(f, "client {c}"),
+            None => f.write_str("a client"),
+        }
     }
 }
 
@@ -81,6 +94,10 @@ pub struct TunnelAgent {
     stopping: bool,
     /// Why the agent itself closed the link (kept for the status).
     fail_reason: Option<String>,
+    /// Warnings the server can repeat: one line per kind per second.
+    warn_refused: LogLimit,
+    warn_reused: LogLimit,
+    warn_local: LogLimit,
 }
 
 impl TunnelAgent {
@@ -112,6 +129,9 @@ impl TunnelAgent {
             up_since: None,
             stopping: false,
             fail_reason: None,
+            warn_refused: LogLimit::default(),
+            warn_reused: LogLimit::default(),
+            warn_local: LogLimit::default(),
             config: config.clone(),
         }
     }
@@ -382,23 +402,29 @@ impl TunnelAgent {
                 // A base server that reused an id we still hold: its CLOSE
                 // must have been lost; the old stream cannot continue.
                 let old = s.conn;
-                warn!(
-                    "{}: CONNECT for id {id}, still open; closing the old stream",
-                    self.label()
-                );
+                if let Some(n) = self.warn_reused.check(ctx.now()) {
+                    warn!(
+                        "{}: CONNECT for id {id}, still open; closing the old stream{}",
+                        self.label(),
+                        Suppressed(n)
+                    );
+                }
                 ctx.abort(old);
                 self.mux.on_stream_closed(ctx, old);
             }
             _ => {
                 bump(&self.mux.stats.malformed_total);
-                warn!(
-                    "{}: CONNECT for id {id} before its CLOSE was acknowledged; ignored",
-                    self.label()
-                );
+                if let Some(n) = self.warn_reused.check(ctx.now()) {
+                    warn!(
+                        "{}: CONNECT for id {id} before its CLOSE was acknowledged; ignored{}",
+                        self.label(),
+                        Suppressed(n)
+                    );
+                }
                 return;
             }
         }
-        let from = client.map_or_else(|| "a client".to_owned(), |c| format!("client {c}"));
+        let from = Client(client);
         let addr = if target.is_empty() {
             Some(self.config.local)
         } else {
@@ -409,11 +435,14 @@ impl TunnelAgent {
         };
         let Some(addr) = addr else {
             bump(&self.mux.stats.refused_total);
-            warn!(
-                "{}: CONNECT id {id} from {from} to '{}' refused: not on the allowlist",
-                self.label(),
-                String::from_utf8_lossy(target).escape_debug()
-            );
+            if let Some(n) = self.warn_refused.check(ctx.now()) {
+                warn!(
+                    "{}: CONNECT id {id} from {from} to '{}' refused: not on the allowlist{}",
+                    self.label(),
+                    Preview(target),
+                    Suppressed(n)
+                );
+            }
             self.refuse_stream(ctx, li, id, link_conn);
             return;
         };
@@ -424,10 +453,13 @@ impl TunnelAgent {
             .is_some_and(|l| l.open_streams() >= self.config.max_streams)
         {
             bump(&self.mux.stats.refused_total);
-            warn!(
-                "{}: CONNECT id {id} refused: max_streams reached",
-                self.label()
-            );
+            if let Some(n) = self.warn_refused.check(ctx.now()) {
+                warn!(
+                    "{}: CONNECT id {id} refused: max_streams reached{}",
+                    self.label(),
+                    Suppressed(n)
+                );
+            }
             self.refuse_stream(ctx, li, id, link_conn);
             return;
         }
@@ -449,10 +481,13 @@ impl TunnelAgent {
             }
             Err(e) => {
                 bump(&self.mux.stats.refused_total);
-                warn!(
-                    "{}: stream {id}: cannot connect to {addr}: {e}",
-                    self.label()
-                );
+                if let Some(n) = self.warn_local.check(ctx.now()) {
+                    warn!(
+                        "{}: stream {id}: cannot connect to {addr}: {e}{}",
+                        self.label(),
+                        Suppressed(n)
+                    );
+                }
                 self.refuse_stream(ctx, li, id, link_conn);
             }
         }
@@ -499,10 +534,7 @@ impl TunnelAgent {
                     reject::LISTEN_FAILED => "the public port could not be opened",
                     _ => "unknown reason",
                 };
-                let msg = format!(
-                    "server rejected the LISTEN: {why} ({})",
-                    String::from_utf8_lossy(text).escape_debug()
-                );
+                let msg = format!("server rejected the LISTEN: {why} ({})", Preview(text));
                 self.fail(ctx, conn, &msg);
             }
             Command::Connect | Command::Data | Command::Close if !link.extra.hello => {
@@ -592,7 +624,13 @@ impl Role for TunnelAgent {
         if self.link_conn != Some(conn) {
             // The local service did not answer: the CONNECT is refused (CLOSE).
             bump(&self.mux.stats.refused_total);
-            warn!("{}: local connection failed ({reason})", self.label());
+            if let Some(n) = self.warn_local.check(ctx.now()) {
+                warn!(
+                    "{}: local connection failed ({reason}){}",
+                    self.label(),
+                    Suppressed(n)
+                );
+            }
         }
         self.on_closed(ctx, conn, reason);
     }

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use crate::codec::Framing;
 use crate::codec::tunnel::{self, Command, HEADER_LEN, MAX_PAYLOAD, TunnelFrame, ext};
-use crate::engine::{ConnKey, Ctx, Keepalive, SendError, TimerKey};
+use crate::engine::{ConnKey, Ctx, Keepalive, LogLimit, SendError, Suppressed, TimerKey};
 
 /// Streams stop reading while the link holds more than this many unsent bytes,
 /// and take turns when it drains (one frame each per round). The link's queue
@@ -68,6 +68,14 @@ pub struct TunnelStats {
     pub links_total: AtomicU64,
     /// Agent: links lost (each is followed by a reconnect).
     pub reconnects_total: AtomicU64,
+    /// Server: links closed on accept because their address failed too many
+    /// handshakes lately.
+    pub throttled_total: AtomicU64,
+    /// Server: links closed on accept because their address had
+    /// `max_pending_per_ip` handshakes in progress.
+    pub pending_refused_total: AtomicU64,
+    /// Server: handshakes closed to make room when `max_pending` were in progress.
+    pub pending_evicted_total: AtomicU64,
     /// Stream payload bytes received from the link and queued for sockets.
     pub bytes_from_link_total: AtomicU64,
     /// Stream payload bytes read from sockets and sent on the link.
@@ -117,7 +125,7 @@ impl TunnelStats {
         out.num("malformed_frames_total", load(&self.malformed_total));
         out.num("bytes_from_link_total", load(&self.bytes_from_link_total));
         out.num("bytes_to_link_total", load(&self.bytes_to_link_total));
-        let counters: [(&'static str, &str, &AtomicU64); 11] = [
+        let counters = [
             (
                 "switchboard_tunnel_streams_opened_total",
                 "Streams opened.",
@@ -162,6 +170,21 @@ impl TunnelStats {
                 "switchboard_tunnel_reconnects_total",
                 "Agent links lost and redialled.",
                 &self.reconnects_total,
+            ),
+            (
+                "switchboard_tunnel_throttled_links_total",
+                "Links closed on accept: their address failed too many handshakes.",
+                &self.throttled_total,
+            ),
+            (
+                "switchboard_tunnel_pending_refused_total",
+                "Links closed on accept: max_pending_per_ip handshakes from their address.",
+                &self.pending_refused_total,
+            ),
+            (
+                "switchboard_tunnel_pending_evicted_total",
+                "Handshakes closed to make room (max_pending reached).",
+                &self.pending_evicted_total,
             ),
             (
                 "switchboard_tunnel_received_bytes_total",
@@ -318,6 +341,8 @@ pub(crate) struct Mux<X> {
     /// Stream socket → (link index, client id).
     streams: HashMap<ConnKey, (usize, u8)>,
     pub(crate) stats: std::sync::Arc<TunnelStats>,
+    /// A stream the peer broke (credit, overflow): one line a second.
+    warn_stream: LogLimit,
 }
 
 /// Queue one frame on a link, all or nothing. A frame that does not fit means
@@ -350,6 +375,7 @@ impl<X> Mux<X> {
             links: Slab::new(),
             streams: HashMap::new(),
             stats,
+            warn_stream: LogLimit::default(),
         }
     }
 
@@ -384,7 +410,9 @@ impl<X> Mux<X> {
         }
     }
 
-    /// Forget a link, closing every stream socket it carried.
+    /// Forget a link, resetting every stream socket it carried: a stream
+    /// that ends with its link is cut short, and its client must see a reset
+    /// (`ECONNRESET`), not the FIN of a complete transfer.
     pub(crate) fn remove_link(&mut self, ctx: &mut Ctx<'_>, li: usize) -> Option<Link<X>> {
         let link = self.links.try_remove(li)?;
         if let Some(t) = link.heartbeat {
@@ -393,7 +421,7 @@ impl<X> Mux<X> {
         for slot in &link.slots {
             if let Slot::Open(s) = slot {
                 self.streams.remove(&s.conn);
-                ctx.close(s.conn);
+                ctx.reset(s.conn);
                 drop_one(&self.stats.streams);
             }
         }
@@ -651,9 +679,12 @@ impl<X> Mux<X> {
         }
         let len = payload.len() as u64;
         if credit_on && s.received + len > s.granted {
-            warn!(
-                "{link_conn}: stream {id} sent {len} bytes beyond its credit; closing the stream"
-            );
+            if let Some(n) = self.warn_stream.check(ctx.now()) {
+                warn!(
+                    "{link_conn}: stream {id} sent {len} bytes beyond its credit; closing the stream{}",
+                    Suppressed(n)
+                );
+            }
             bump(&self.stats.credit_violations_total);
             let conn = s.conn;
             ctx.abort(conn);
@@ -680,7 +711,12 @@ impl<X> Mux<X> {
                 }
             }
             Err(SendError::Full) => {
-                warn!("{conn}: stream {id} queue overflow; closing the stream");
+                if let Some(n) = self.warn_stream.check(ctx.now()) {
+                    warn!(
+                        "{conn}: stream {id} queue overflow; closing the stream{}",
+                        Suppressed(n)
+                    );
+                }
                 ctx.abort(conn);
                 self.on_stream_closed(ctx, conn);
             }

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use hashbrown::HashMap;
 use log::{debug, error, info, warn};
@@ -20,8 +21,10 @@ use crate::codec::{Frame, Framing};
 use crate::config::RoleConfig;
 use crate::config::TunnelServerConfig;
 use crate::engine::{
-    CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, TimerKey, View,
+    CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, LogLimit, Preview,
+    Suppressed, TimerKey, View,
 };
+use crate::role::admission::{Admit, Pending, PendingId, Throttle};
 use crate::role::{Reconfigure, Report, Role};
 
 /// Where a link is in its handshake.
@@ -46,6 +49,22 @@ struct ServerLink {
     flags: u16,
     peer_window: u32,
     handshake: Option<TimerKey>,
+    /// Its place in the pending table until the handshake is done.
+    pending: Option<PendingId>,
+}
+
+/// Warnings a peer can repeat: one line per kind per second
+/// ([`LogLimit`]).
+#[derive(Debug, Default)]
+struct Warnings {
+    /// A handshake refused (unknown service, failed authentication, ...).
+    rejected: LogLimit,
+    /// A public client refused (no free id).
+    refused: LogLimit,
+    /// A link closed on accept, or evicted, by the pending limits.
+    admission: LogLimit,
+    /// A handshake that did not finish in time.
+    timeout: LogLimit,
 }
 
 struct Service {
@@ -66,7 +85,11 @@ pub struct TunnelServer {
     link_listener: Option<ListenerId>,
     links_by_conn: HashMap<ConnKey, usize>,
     by_listener: HashMap<ListenerId, usize>,
-    pending: usize,
+    /// Links in their handshake (bounded; the oldest makes room).
+    pending: Pending<ConnKey>,
+    /// Addresses refused for failing their handshakes.
+    throttle: Throttle,
+    warnings: Warnings,
     rng: Rng,
 }
 
@@ -107,7 +130,9 @@ impl TunnelServer {
             link_listener: None,
             links_by_conn: HashMap::new(),
             by_listener: HashMap::new(),
-            pending: 0,
+            pending: Pending::new(config.max_pending, config.max_pending_per_ip),
+            throttle: Throttle::new(),
+            warnings: Warnings::default(),
             rng: Rng::from_os(),
             config: config.clone(),
         }
@@ -132,10 +157,14 @@ impl TunnelServer {
         let Some(link) = self.mux.links.get(li) else {
             return;
         };
-        warn!(
-            "{}: agent {} refused: {why}",
-            self.config.name, link.extra.peer
-        );
+        if let Some(n) = self.warnings.rejected.check(ctx.now()) {
+            warn!(
+                "{}: agent {} refused: {why}{}",
+                self.config.name,
+                link.extra.peer,
+                Suppressed(n)
+            );
+        }
         bump(&self.mux.stats.rejected_total);
         let conn = link.conn;
         if let Some(code) = code {
@@ -147,6 +176,25 @@ impl TunnelServer {
             send_frame(ctx, conn, Command::Reject, 0, &payload[..1 + n]);
         }
         ctx.close(conn);
+    }
+
+    /// A handshake that failed for what the agent sent (unknown service,
+    /// missing or wrong authentication, malformed request): counted against
+    /// its address ([`Throttle`]), and refused.
+    fn refuse_failed(&mut self, ctx: &mut Ctx<'_>, li: usize, code: Option<u8>, why: &str) {
+        if let Some(link) = self.mux.links.get(li) {
+            let ip = link.extra.peer.ip();
+            if self.throttle.failure(ip, ctx.now()) {
+                warn!(
+                    "{}: {ip}: {} failed handshakes within {:?}; refusing its links for {:?}",
+                    self.config.name,
+                    Throttle::FAILURES,
+                    Throttle::WINDOW,
+                    Throttle::BLOCK
+                );
+            }
+        }
+        self.refuse(ctx, li, code, why);
     }
 
     /// An empty LISTEN (or an empty name): the first service without a
@@ -164,7 +212,7 @@ impl TunnelServer {
         if payload.is_empty() {
             match self.tokenless_service() {
                 Some(si) => self.activate(ctx, li, si, 0, 0),
-                None => self.refuse(
+                None => self.refuse_failed(
                     ctx,
                     li,
                     None,
@@ -174,22 +222,21 @@ impl TunnelServer {
             return;
         }
         let Some(req) = ListenRequest::parse(payload) else {
-            self.refuse(ctx, li, Some(reject::MALFORMED), "malformed LISTEN request");
+            self.refuse_failed(ctx, li, Some(reject::MALFORMED), "malformed LISTEN request");
             return;
         };
         let si = if req.name.is_empty() {
             self.tokenless_service()
         } else {
+            // Never an entry a reload took out of service: its token is
+            // revoked and its port must stay closed.
             self.services
                 .iter()
-                .position(|s| s.name.as_bytes() == req.name)
+                .position(|s| !s.removed && s.name.as_bytes() == req.name)
         };
         let Some(si) = si else {
-            let why = format!(
-                "no service '{}'",
-                String::from_utf8_lossy(req.name).escape_debug()
-            );
-            self.refuse(ctx, li, Some(reject::UNKNOWN_SERVICE), &why);
+            let why = format!("no service '{}'", Preview(req.name));
+            self.refuse_failed(ctx, li, Some(reject::UNKNOWN_SERVICE), &why);
             return;
         };
         let needs_auth = self.services[si].token.is_some();
@@ -198,7 +245,7 @@ impl TunnelServer {
                 "service '{}' needs a token and AUTH was not asked for",
                 self.services[si].name
             );
-            self.refuse(ctx, li, Some(reject::AUTH_REQUIRED), &why);
+            self.refuse_failed(ctx, li, Some(reject::AUTH_REQUIRED), &why);
             return;
         }
         let mut flags = req.flags & ext::ALL & !ext::AUTH;
@@ -251,7 +298,7 @@ impl TunnelServer {
         if !auth::verify_agent(token, &t, tag) {
             bump(&self.mux.stats.auth_failed_total);
             let why = format!("authentication failed for service '{}'", svc.name);
-            self.refuse(ctx, li, Some(reject::AUTH_FAILED), &why);
+            self.refuse_failed(ctx, li, Some(reject::AUTH_FAILED), &why);
             return;
         }
         let proof = auth::server_tag(token, &t);
@@ -263,6 +310,11 @@ impl TunnelServer {
 
     /// The handshake is done: take over the service, open its public port.
     fn activate(&mut self, ctx: &mut Ctx<'_>, li: usize, si: usize, flags: u16, peer_window: u32) {
+        if self.services.get(si).is_none_or(|s| s.removed) {
+            let code = (flags != 0).then_some(reject::UNKNOWN_SERVICE);
+            self.refuse(ctx, li, code, "the service was removed");
+            return;
+        }
         let Some(link) = self.mux.links.get_mut(li) else {
             return;
         };
@@ -272,7 +324,9 @@ impl TunnelServer {
         link.extra.phase = Phase::Up;
         link.extra.service = Some(si);
         let (conn, peer) = (link.conn, link.extra.peer);
-        self.pending = self.pending.saturating_sub(1);
+        if let Some(id) = link.extra.pending.take() {
+            self.pending.remove(id, conn);
+        }
         if let Some(old) = self.services[si].link.take()
             && let Some(old_link) = self.mux.remove_link(ctx, old)
         {
@@ -341,12 +395,15 @@ impl TunnelServer {
         };
         let Some(id) = self.mux.alloc_id(li, now) else {
             bump(&self.mux.stats.refused_total);
-            warn!(
-                "{}: service '{}': client {peer} refused, all {} streams in use",
-                self.config.name,
-                self.services[si].name,
-                self.mux.link_streams(li)
-            );
+            if let Some(n) = self.warnings.refused.check(now) {
+                warn!(
+                    "{}: service '{}': client {peer} refused, all {} streams in use{}",
+                    self.config.name,
+                    self.services[si].name,
+                    self.mux.link_streams(li),
+                    Suppressed(n)
+                );
+            }
             ctx.close(conn);
             return;
         };
@@ -403,7 +460,9 @@ impl TunnelServer {
             ctx.cancel_timer(t);
         }
         if link.extra.phase != Phase::Up {
-            self.pending = self.pending.saturating_sub(1);
+            if let Some(id) = link.extra.pending {
+                self.pending.remove(id, conn);
+            }
             debug!(
                 "{conn}: agent {} left during the handshake ({reason})",
                 link.extra.peer
@@ -428,6 +487,60 @@ impl TunnelServer {
 }
 
 impl TunnelServer {
+    /// Whether a new connection on the link port may start a handshake:
+    /// not from an address that keeps failing, not beyond
+    /// `max_pending_per_ip`; a full table closes its oldest handshake to
+    /// make room.
+    fn admit_link(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        conn: ConnKey,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let stats = &self.mux.stats;
+        if self.throttle.is_blocked(peer.ip(), now) {
+            bump(&stats.throttled_total);
+            debug!("{conn}: agent {peer} closed: its address failed too many handshakes");
+            return false;
+        }
+        let limit = &mut self.warnings.admission;
+        match self.pending.admit(peer.ip()) {
+            Admit::Yes => true,
+            Admit::TooManyFromAddress => {
+                bump(&stats.pending_refused_total);
+                if let Some(n) = limit.check(now) {
+                    warn!(
+                        "{}: agent {peer} closed: {} handshakes from its address already{}",
+                        self.config.name,
+                        self.config.max_pending_per_ip,
+                        Suppressed(n)
+                    );
+                }
+                false
+            }
+            Admit::Evicted(old) => {
+                bump(&stats.pending_evicted_total);
+                if let Some(n) = limit.check(now) {
+                    let from = self
+                        .links_by_conn
+                        .get(&old)
+                        .and_then(|&li| self.mux.links.get(li))
+                        .map(|l| l.extra.peer);
+                    warn!(
+                        "{}: {} handshakes pending; closed the oldest (from {}) to admit agent {peer}{}",
+                        self.config.name,
+                        self.config.max_pending,
+                        from.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+                        Suppressed(n)
+                    );
+                }
+                ctx.abort(old);
+                true
+            }
+        }
+    }
+
     /// Live reload: close service `si`'s link (and its streams) and public port.
     fn remove_service(&mut self, ctx: &mut Ctx<'_>, si: usize) {
         let Some(s) = self.services.get_mut(si) else {
@@ -444,6 +557,21 @@ impl TunnelServer {
             self.links_by_conn.remove(&link.conn);
             ctx.close(link.conn);
         }
+        // Links still in their handshake for this service would finish it
+        // with the revoked token (or reopen the port): close them too.
+        let half_done: Vec<usize> = self
+            .mux
+            .links
+            .iter()
+            .filter(|(_, l)| l.extra.phase != Phase::Up && l.extra.service == Some(si))
+            .map(|(li, _)| li)
+            .collect();
+        for li in half_done {
+            if let Some(link) = self.mux.links.get(li) {
+                ctx.close(link.conn);
+            }
+        }
+        let s = &self.services[si];
         info!("{}: service '{}' removed", self.config.name, s.name);
         self.publish_status(si, None, None);
     }
@@ -510,7 +638,7 @@ impl Role for TunnelServer {
             "listen",
             self.link_listener.and_then(|l| view.listener_addr(l)),
         );
-        out.num("pending_links", self.pending as u64);
+        out.num("pending_links", self.pending.len() as u64);
         out.open_array(Some("services"));
         for s in self.services.iter().filter(|s| !s.removed) {
             let link = s.link.and_then(|li| self.mux.links.get(li));
@@ -574,18 +702,13 @@ impl Role for TunnelServer {
             }
             return;
         }
-        if self.pending >= self.config.max_pending {
-            warn!(
-                "{}: agent {peer} refused: {} links already in their handshake",
-                self.config.name, self.pending
-            );
-            bump(&self.mux.stats.rejected_total);
+        let now = ctx.now();
+        if !self.admit_link(ctx, conn, peer, now) {
             ctx.abort(conn);
             return;
         }
-        self.pending += 1;
+        let pending = self.pending.insert(conn, peer.ip());
         link_keepalive(ctx, conn, self.config.heartbeat_timeout);
-        let now = ctx.now();
         let li = self.mux.add_link(
             conn,
             now,
@@ -598,6 +721,7 @@ impl Role for TunnelServer {
                 flags: 0,
                 peer_window: 0,
                 handshake: None,
+                pending: Some(pending),
             },
         );
         let t = ctx.set_timer(
@@ -656,10 +780,15 @@ impl Role for TunnelServer {
             token::HANDSHAKE => {
                 link.extra.handshake = None;
                 if link.extra.phase != Phase::Up {
-                    warn!(
-                        "{}: agent {} did not finish its handshake in {:?}; closing",
-                        self.config.name, link.extra.peer, self.config.handshake_timeout
-                    );
+                    if let Some(n) = self.warnings.timeout.check(ctx.now()) {
+                        warn!(
+                            "{}: agent {} did not finish its handshake in {:?}; closing{}",
+                            self.config.name,
+                            link.extra.peer,
+                            self.config.handshake_timeout,
+                            Suppressed(n)
+                        );
+                    }
                     ctx.close(link.conn);
                 }
             }

@@ -1,0 +1,302 @@
+//! Admission of connections that have not yet said who they are (a tunnel
+//! link in its handshake; a router device before its id), shared by roles so
+//! that silent connections can never lock a real peer out.
+//!
+//! - [`Pending`]: the connections in their handshake, oldest first, with a
+//!   count per source address. Full table: the oldest is evicted to make
+//!   room (a peer that is talking gets in; a silent one is the first to go).
+//!   Too many from one address: the new one is refused.
+//! - [`Throttle`]: addresses that keep failing their handshake are refused
+//!   on accept for a while.
+//!
+//! Invariant: both tables are bounded (`Pending` by its capacity,
+//! `Throttle` by [`Throttle::MAX_ADDRESSES`]) and sized at creation; no
+//! operation scans more than its own table. Allocation: none after `new`.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use slab::Slab;
+
+/// What to do with a new connection ([`Pending::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit<K> {
+    /// Room for it.
+    Yes,
+    /// Its address already has `max_per_ip` connections pending: refuse it.
+    TooManyFromAddress,
+    /// The table is full: this (the oldest) was evicted to make room; the
+    /// caller closes it.
+    Evicted(K),
+}
+
+/// Where an entry sits in [`Pending`] (for [`Pending::remove`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PendingId(usize);
+
+#[derive(Debug)]
+struct Entry<K> {
+    key: K,
+    ip: IpAddr,
+    older: Option<usize>,
+    newer: Option<usize>,
+}
+
+/// Connections in their handshake, in arrival order, counted per address.
+#[derive(Debug)]
+pub(crate) struct Pending<K> {
+    entries: Slab<Entry<K>>,
+    oldest: Option<usize>,
+    newest: Option<usize>,
+    per_ip: HashMap<IpAddr, usize>,
+    capacity: usize,
+    max_per_ip: usize,
+}
+
+impl<K: Copy + PartialEq> Pending<K> {
+    /// A table for at most `capacity` connections, `max_per_ip` from one address.
+    pub(crate) fn new(capacity: usize, max_per_ip: usize) -> Pending<K> {
+        Pending {
+            entries: Slab::with_capacity(capacity),
+            oldest: None,
+            newest: None,
+            per_ip: HashMap::with_capacity(capacity),
+            capacity,
+            max_per_ip,
+        }
+    }
+
+    /// Connections pending now.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Decide on a new connection from `ip`; with [`Admit::Evicted`] the
+    /// oldest entry is already gone from the table.
+    pub(crate) fn admit(&mut self, ip: IpAddr) -> Admit<K> {
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+            return Admit::TooManyFromAddress;
+        }
+        if self.entries.len() < self.capacity {
+            return Admit::Yes;
+        }
+        match self.oldest.and_then(|i| self.unlink(i)) {
+            Some(key) => Admit::Evicted(key),
+            None => Admit::Yes,
+        }
+    }
+
+    /// Add `key` (after [`Pending::admit`] said there is room).
+    pub(crate) fn insert(&mut self, key: K, ip: IpAddr) -> PendingId {
+        let i = self.entries.insert(Entry {
+            key,
+            ip,
+            older: self.newest,
+            newer: None,
+        });
+        match self.newest.and_then(|n| self.entries.get_mut(n)) {
+            Some(n) => n.newer = Some(i),
+            None => self.oldest = Some(i),
+        }
+        self.newest = Some(i);
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        PendingId(i)
+    }
+
+    /// `key` finished (or abandoned) its handshake. Does nothing if it was
+    /// evicted already (the id may name another entry by now: `key` decides).
+    pub(crate) fn remove(&mut self, id: PendingId, key: K) {
+        if self.entries.get(id.0).is_some_and(|e| e.key == key) {
+            self.unlink(id.0);
+        }
+    }
+
+    fn unlink(&mut self, i: usize) -> Option<K> {
+        let e = self.entries.try_remove(i)?;
+        match e.older.and_then(|o| self.entries.get_mut(o)) {
+            Some(o) => o.newer = e.newer,
+            None => self.oldest = e.newer,
+        }
+        match e.newer.and_then(|n| self.entries.get_mut(n)) {
+            Some(n) => n.older = e.older,
+            None => self.newest = e.older,
+        }
+        if let Some(n) = self.per_ip.get_mut(&e.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&e.ip);
+            }
+        }
+        Some(e.key)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    failures: u32,
+    first: Instant,
+    blocked_until: Option<Instant>,
+}
+
+/// Addresses whose handshakes keep failing: after [`Throttle::FAILURES`]
+/// failures within [`Throttle::WINDOW`], their connections are refused on
+/// accept for [`Throttle::BLOCK`].
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    table: HashMap<IpAddr, Record>,
+}
+
+impl Throttle {
+    /// Failures that start a block...
+    pub(crate) const FAILURES: u32 = 5;
+    /// ...when they fall within this long.
+    pub(crate) const WINDOW: Duration = Duration::from_secs(10);
+    /// How long a blocked address is refused.
+    pub(crate) const BLOCK: Duration = Duration::from_secs(30);
+    /// Addresses tracked at once. When the table is full, records that have
+    /// expired are dropped; if none has, a new address is not tracked (it is
+    /// still bound by the pending limits).
+    pub(crate) const MAX_ADDRESSES: usize = 4096;
+
+    pub(crate) fn new() -> Throttle {
+        Throttle {
+            table: HashMap::with_capacity(Self::MAX_ADDRESSES),
+        }
+    }
+
+    /// Whether connections from `ip` are refused now.
+    pub(crate) fn is_blocked(&mut self, ip: IpAddr, now: Instant) -> bool {
+        match self.table.get(&ip).and_then(|r| r.blocked_until) {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.table.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A failed handshake from `ip`. True when this failure starts a block
+    /// (log it then, once per episode).
+    pub(crate) fn failure(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if !self.table.contains_key(&ip) && self.table.len() >= Self::MAX_ADDRESSES {
+            self.table.retain(|_, r| !Self::expired(r, now));
+            if self.table.len() >= Self::MAX_ADDRESSES {
+                return false;
+            }
+        }
+        let r = self.table.entry(ip).or_insert(Record {
+            failures: 0,
+            first: now,
+            blocked_until: None,
+        });
+        if Self::expired(r, now) {
+            *r = Record {
+                failures: 0,
+                first: now,
+                blocked_until: None,
+            };
+        }
+        if r.blocked_until.is_some() {
+            return false;
+        }
+        r.failures += 1;
+        if r.failures >= Self::FAILURES {
+            r.blocked_until = Some(now + Self::BLOCK);
+            return true;
+        }
+        false
+    }
+
+    fn expired(r: &Record, now: Instant) -> bool {
+        match r.blocked_until {
+            Some(until) => now >= until,
+            None => now.duration_since(r.first) >= Self::WINDOW,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use super::*;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_and_one_address_is_capped() {
+        let mut p: Pending<u32> = Pending::new(3, 2);
+        let a = p.insert(1, ip(1));
+        assert_eq!(p.admit(ip(1)), Admit::Yes);
+        p.insert(2, ip(1));
+        assert_eq!(p.admit(ip(1)), Admit::TooManyFromAddress);
+        assert_eq!(p.admit(ip(2)), Admit::Yes);
+        p.insert(3, ip(2));
+        // Full: the oldest (1) makes room, and its address may send again.
+        assert_eq!(p.admit(ip(3)), Admit::Evicted(1));
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.admit(ip(1)), Admit::Yes);
+        p.insert(4, ip(3));
+        // A late remove of the evicted entry does not touch the entry that
+        // took its slot.
+        p.remove(a, 1);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.admit(ip(4)), Admit::Evicted(2));
+        assert_eq!(p.admit(ip(4)), Admit::Yes);
+    }
+
+    #[test]
+    fn removal_from_the_middle_keeps_the_order() {
+        let mut p: Pending<u32> = Pending::new(3, 3);
+        p.insert(1, ip(1));
+        let b = p.insert(2, ip(1));
+        p.insert(3, ip(1));
+        p.remove(b, 2);
+        p.insert(4, ip(2));
+        assert_eq!(p.admit(ip(3)), Admit::Evicted(1));
+        p.insert(5, ip(3));
+        assert_eq!(p.admit(ip(3)), Admit::Evicted(3));
+        assert_eq!(p.admit(ip(3)), Admit::Yes);
+        p.insert(6, ip(3));
+        assert_eq!(p.admit(ip(3)), Admit::Evicted(4));
+    }
+
+    #[test]
+    fn five_failures_in_ten_seconds_block_for_thirty() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new();
+        let s = Duration::from_secs;
+        for k in 0..4 {
+            assert!(!t.failure(ip(1), t0 + s(k)));
+        }
+        assert!(!t.is_blocked(ip(1), t0 + s(4)));
+        assert!(t.failure(ip(1), t0 + s(5)), "the fifth starts a block");
+        assert!(!t.failure(ip(1), t0 + s(6)), "one log line per episode");
+        assert!(t.is_blocked(ip(1), t0 + s(6)));
+        assert!(!t.is_blocked(ip(2), t0 + s(6)));
+        assert!(t.is_blocked(ip(1), t0 + s(34)));
+        assert!(!t.is_blocked(ip(1), t0 + s(35)));
+        // Failures spread wider than the window never block.
+        for k in 0..10 {
+            assert!(!t.failure(ip(3), t0 + s(11 * k)));
+        }
+        assert!(!t.is_blocked(ip(3), t0 + s(110)));
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new();
+        for k in 0..Throttle::MAX_ADDRESSES as u32 + 10 {
+            t.failure(IpAddr::from(k.to_be_bytes()), t0);
+        }
+        assert_eq!(t.table.len(), Throttle::MAX_ADDRESSES);
+        // Once the first records expire, new addresses are tracked again.
+        t.failure(ip(200), t0 + Throttle::WINDOW);
+        assert_eq!(t.table.len(), 1);
+    }
+}
