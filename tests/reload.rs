@@ -428,6 +428,128 @@ fn tunnel_reload_adds_a_service_and_open_streams_survive() {
     echoes(&mut s1, b"still");
 }
 
+/// A tunnel server with services `(name, public, token)`, and an agent per
+/// `(service, token)` that redials quickly, plus an admin endpoint.
+fn revoke_config(
+    echo: SocketAddr,
+    server: SocketAddr,
+    admin: SocketAddr,
+    services: &[(&str, SocketAddr, &str)],
+    agents: &[(&str, &str)],
+) -> String {
+    let mut t = format!(
+        "[[echo]]\nname = \"local\"\nlisten = \"{echo}\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+         [[tunnel_server]]\nname = \"ts\"\nlisten = \"{server}\"\n"
+    );
+    for (name, public, token) in services {
+        t.push_str(&format!(
+            "[[tunnel_server.service]]\nname = \"{name}\"\npublic = \"{public}\"\ntoken = \"{token}\"\n"
+        ));
+    }
+    for (name, token) in agents {
+        t.push_str(&format!(
+            "\n[[tunnel_agent]]\nname = \"{name}\"\nserver = \"{server}\"\nlocal = \"{echo}\"\n\
+             token = \"{token}\"\nreconnect_min = \"20ms\"\nreconnect_max = \"100ms\"\n"
+        ));
+    }
+    t
+}
+
+/// The tunnel server's counter `name` (the agents report the same families
+/// under their own names).
+fn server_counter(admin: SocketAddr, name: &str) -> u64 {
+    sample(
+        &http_get(admin, "/metrics"),
+        &format!("{name}{{role=\"tunnel_server\",name=\"ts\"}}"),
+    )
+}
+
+/// Wait until the server's counter `name` has grown by at least `by`.
+fn wait_counter_grows(admin: SocketAddr, name: &str, from: u64, by: u64) {
+    wait_for(
+        &format!("{name} to grow by {by}"),
+        WAIT,
+        || server_counter(admin, name) >= from + by,
+        || server_counter(admin, name),
+    );
+}
+
+const OLD_TOKEN: &str = "old-token-0123456789";
+const NEW_TOKEN: &str = "new-token-0123456789";
+
+#[test]
+fn tunnel_reload_of_a_token_revokes_the_old_one_at_once() {
+    let _fds = shared_fds();
+    let [echo, server, admin, public] = addrs();
+    let text = |service_token: &str, agent_token: &str| {
+        revoke_config(
+            echo,
+            server,
+            admin,
+            &[("s1", public, service_token)],
+            &[("s1", agent_token)],
+        )
+    };
+    let live = Live::start("revoke", &text(OLD_TOKEN, OLD_TOKEN));
+    let mut stream = connect_when_open(public);
+    echoes(&mut stream, b"linked");
+
+    // The service's token changes; the agent keeps the old one.
+    let failed = server_counter(admin, "switchboard_tunnel_auth_failures_total");
+    live.reload(&text(NEW_TOKEN, OLD_TOKEN));
+    // The link that authenticated with the old token is gone, with its stream.
+    expect_closed(&mut stream);
+    // The agent redials with the old token: refused, again and again, and
+    // the public port stays closed meanwhile.
+    wait_counter_grows(admin, "switchboard_tunnel_auth_failures_total", failed, 3);
+    expect_refused(public);
+    let status = http_get(admin, "/status");
+    assert!(status.contains("\"link\":\"down\""), "{status}");
+    let up = "switchboard_tunnel_link_up{role=\"tunnel_server\",name=\"ts\",service=\"s1\"}";
+    assert_eq!(sample(&http_get(admin, "/metrics"), up), 0);
+
+    // The agent gets the new token: it links, and the port opens.
+    live.reload(&text(NEW_TOKEN, NEW_TOKEN));
+    let mut stream = connect_when_open(public);
+    echoes(&mut stream, b"new token");
+    assert_eq!(sample(&http_get(admin, "/metrics"), up), 1);
+}
+
+#[test]
+fn tunnel_service_removed_by_a_reload_never_reopens_its_port() {
+    let _fds = shared_fds();
+    let [echo, server, admin, pub1, pub2] = addrs();
+    let services = [("s1", pub1, OLD_TOKEN), ("s2", pub2, OLD_TOKEN)];
+    let agents = [("s1", OLD_TOKEN), ("s2", OLD_TOKEN)];
+    let live = Live::start(
+        "remove-service",
+        &revoke_config(echo, server, admin, &services, &agents),
+    );
+    let mut s1 = connect_when_open(pub1);
+    let mut s2 = connect_when_open(pub2);
+    echoes(&mut s2, b"two");
+
+    // s2 is removed from the server; its agent stays and keeps asking.
+    let rejected = server_counter(admin, "switchboard_tunnel_rejected_links_total");
+    live.reload(&revoke_config(echo, server, admin, &services[..1], &agents));
+    expect_closed(&mut s2);
+    wait_counter_grows(
+        admin,
+        "switchboard_tunnel_rejected_links_total",
+        rejected,
+        3,
+    );
+    expect_refused(pub2);
+    let status = http_get(admin, "/status");
+    assert!(!status.contains("{\"name\":\"s2\",\"token\""), "{status}");
+    assert!(
+        !http_get(admin, "/metrics").contains("service=\"s2\""),
+        "metrics still list the removed service"
+    );
+    // The other service is untouched.
+    echoes(&mut s1, b"one");
+}
+
 // ----- broadcast -----
 
 #[test]
