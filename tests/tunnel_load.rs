@@ -44,7 +44,7 @@ use util::{
 /// Bound on waiting for a counter or an event.
 const WAIT: Duration = Duration::from_secs(10);
 /// The service's token in extended mode.
-const TOKEN: &str = "load-test-token";
+const TOKEN: &str = "load-test-token-0123";
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
