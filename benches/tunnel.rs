@@ -1817,15 +1817,22 @@ fn print_rss(f: &RssFigures, plan: &Plan, targets: &mut Vec<String>) {
 
 // ===== link stress =====
 
-/// Send a signal to a child process (by its id) with `kill(1)`.
+/// Send a signal ("STOP", "CONT", ...) to a child process (by its id), from
+/// Rust (kill(2) through rustix).
 fn signal(pid: u32, sig: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()?;
-    if !status.success() {
-        return Err(format!("kill -{sig} {pid} failed").into());
-    }
+    use rustix::process::{Pid, Signal, kill_process};
+    let s = match sig {
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
+        "TERM" => Signal::TERM,
+        "KILL" => Signal::KILL,
+        other => return Err(format!("unknown signal {other}").into()),
+    };
+    let p = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| format!("bad pid {pid}"))?;
+    kill_process(p, s).map_err(|e| format!("kill -{sig} {pid}: {e}"))?;
     Ok(())
 }
 

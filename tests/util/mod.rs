@@ -512,13 +512,24 @@ impl Captured {
     }
 }
 
-/// Send `signal` (like "TERM") to process `pid` with the `kill` command.
+/// Send `signal` (like "TERM") to process `pid`, from Rust (kill(2) through
+/// rustix): the tests need no `kill` program, which minimal images lack.
 pub(crate) fn send_signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+    use rustix::process::{Pid, Signal, kill_process};
+    let sig = match signal {
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "HUP" => Signal::HUP,
+        "KILL" => Signal::KILL,
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
+        other => panic!("send_signal: unknown signal {other}"),
+    };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .unwrap_or_else(|| panic!("send_signal: bad pid {pid}"));
+    kill_process(pid, sig).unwrap_or_else(|e| panic!("kill -{signal} {pid:?}: {e}"));
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (bind port 0, read it, drop).
