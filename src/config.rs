@@ -423,6 +423,9 @@ impl std::str::FromStr for RawBytes {
             return Ok(RawBytes(s.as_bytes().to_vec()));
         };
         let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(format!("invalid hex {s:?}: expected digits 0-9, a-f"));
+        }
         if !digits.len().is_multiple_of(2) {
             return Err(format!("invalid hex {s:?}: an odd number of digits"));
         }
@@ -1427,6 +1430,22 @@ impl Config {
         }
         let roles = self.roles();
         for (i, r) in roles.iter().enumerate() {
+            // One name per kind: reports and metric series are labelled by
+            // kind and name, and two alike would be indistinguishable.
+            if roles[..i]
+                .iter()
+                .any(|o| o.kind() == r.kind() && o.name() == r.name())
+            {
+                return err(
+                    &format!("{}.name", r.kind()),
+                    format!(
+                        "two {} roles are named '{}': give them different names \
+                         (reports, metrics and reloads tell roles apart by name)",
+                        r.kind(),
+                        r.name()
+                    ),
+                );
+            }
             if roles[..i].iter().any(|o| o.identity() == r.identity()) {
                 return err(
                     &format!("{}.name", r.kind()),
@@ -1674,7 +1693,12 @@ fn check_unique(seen: &mut Seen, addr: SocketAddr, key: String) -> Result<(), Co
     Ok(())
 }
 
-/// Parse a duration written as a number and a unit: `"500ms"`, `"10s"`, `"5m"`, `"1h"`.
+/// The longest duration any key accepts: a year. Longer ones would overflow
+/// `Instant` arithmetic at run time, and none is meaningful for a gateway.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parse a duration written as a number and a unit: `"500ms"`, `"10s"`,
+/// `"5m"`, `"1h"`; at most [`MAX_DURATION`].
 ///
 /// # Errors
 /// A message saying what is expected.
@@ -1689,13 +1713,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let n: u64 = num.parse().map_err(|_| bad())?;
     let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad);
-    match unit.trim() {
+    let d = match unit.trim() {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => secs(1),
         "m" => secs(60),
         "h" => secs(3600),
         _ => Err(bad()),
+    }?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {s:?} is longer than the maximum, a year (8760h)"
+        ));
     }
+    Ok(d)
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -1748,6 +1778,13 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1.5s").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        assert!(parse_duration("8761h").is_err());
+        assert!(parse_duration("18446744073709551615ms").is_err());
+        let e =
+            Config::parse("[[echo]]\nlisten = \"127.0.0.1:1\"\nidle_timeout = \"9999999999h\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("a year"), "{e}");
     }
 
     #[test]
@@ -1765,6 +1802,21 @@ mod tests {
         assert!(e.to_string().contains("listen"), "{e}");
         let e = Config::parse("[engine]\nmax_conections = 5\n").unwrap_err();
         assert!(e.to_string().contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn two_roles_of_one_kind_with_one_name_are_refused() {
+        let agents = "[[tunnel_agent]]\nname = \"d\"\nserver = \"a.example:9000\"\nlocal = \"127.0.0.1:23\"\n\
+                      [[tunnel_agent]]\nname = \"d\"\nserver = \"b.example:9000\"\nlocal = \"127.0.0.1:23\"\n";
+        let e = Config::parse(agents).unwrap_err();
+        assert_eq!(e.key, "tunnel_agent.name");
+        assert!(e.message.contains("named 'd'"), "{e}");
+        let echoes = "[[echo]]\nlisten = \"127.0.0.1:7\"\n[[echo]]\nlisten = \"127.0.0.1:8\"\n";
+        assert_eq!(Config::parse(echoes).unwrap_err().key, "echo.name");
+        // One name across different kinds is fine.
+        let mixed = "[[echo]]\nname = \"x\"\nlisten = \"127.0.0.1:7\"\n\
+                     [[broadcast]]\nname = \"x\"\nlisten = \"127.0.0.1:8\"\n";
+        assert!(Config::parse(mixed).is_ok());
     }
 
     #[test]
@@ -1865,6 +1917,8 @@ mod tests {
         );
         assert!("hex:0d0".parse::<RawBytes>().is_err());
         assert!("hex:zz".parse::<RawBytes>().is_err());
+        assert!("hex:+a+b".parse::<RawBytes>().is_err());
+        assert!("hex:-1".parse::<RawBytes>().is_err());
     }
 
     #[test]
