@@ -21,7 +21,10 @@ pub use ctx::{
     ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError, View,
 };
 pub use handle::{Handle, HandleError, Message, StatsSnapshot};
-pub use logging::{LogLimit, PREVIEW_BYTES, Preview, Suppressed};
+pub use logging::{
+    LOG_LINE_BYTES, LOG_QUEUE_LINES, LogLimit, LogSink, PREVIEW_BYTES, Preview, Suppressed,
+    flush_logs, log_dropped_total,
+};
 pub use timer::TimerKey;
 pub use token::{ConnKey, ListenerId};
 
