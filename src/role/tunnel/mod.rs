@@ -13,7 +13,7 @@ mod agent;
 mod auth;
 mod server;
 
-pub use agent::{AgentState, TunnelAgent};
+pub use agent::{AgentState, Resolver, TunnelAgent};
 pub use server::TunnelServer;
 
 use std::collections::VecDeque;
@@ -68,6 +68,9 @@ pub struct TunnelStats {
     pub links_total: AtomicU64,
     /// Agent: links lost (each is followed by a reconnect).
     pub reconnects_total: AtomicU64,
+    /// Agent: links dropped because the server did not finish the handshake
+    /// within `handshake_timeout`.
+    pub handshake_timeouts_total: AtomicU64,
     /// Stream payload bytes received from the link and queued for sockets.
     pub bytes_from_link_total: AtomicU64,
     /// Stream payload bytes read from sockets and sent on the link.
