@@ -766,7 +766,8 @@ impl Role for TunnelAgent {
         }
         link_keepalive(ctx, conn, self.config.heartbeat_timeout);
         if let Some(li) = self.link {
-            // Base mode: LISTEN queued is the link up (send_listen cancels this).
+            // Until the link is up (link_up cancels it; with extensions = false
+            // that is as soon as LISTEN is queued).
             let at = ctx.now() + self.config.handshake_timeout;
             self.handshake_timer = Some(ctx.set_timer(at, token::HANDSHAKE | li as u64));
             self.send_listen(ctx, li);
