@@ -702,14 +702,17 @@ pub struct TunnelAgentConfig {
     /// The service to ask for (empty: the server's first service without a token).
     #[serde(default)]
     pub name: String,
-    /// The server, `host:port` (a host name is resolved at start-up).
+    /// The server, `host:port`; a host name is resolved off the loop before
+    /// each dial, and every address is tried in order.
     pub server: String,
-    /// The local service streams connect to.
-    pub local: SocketAddr,
+    /// The local service streams connect to, `host:port`; a host name is
+    /// resolved with `server`, and a failed connect moves the next stream to
+    /// the next address.
+    pub local: String,
     /// Shared secret of the service.
     #[serde(default)]
     pub token: Option<String>,
-    /// Targets a CONNECT may name (default: `local` only).
+    /// Targets a CONNECT may name (default: the addresses `local` resolves to).
     #[serde(default)]
     pub allow: Vec<SocketAddr>,
     /// Ask for the protocol extensions (`false`: plain base protocol).
@@ -748,12 +751,26 @@ pub struct TunnelAgentConfig {
     /// First reconnect delay (doubles, with jitter, up to `reconnect_max`).
     #[serde(default = "default_reconnect_min", deserialize_with = "de_duration")]
     pub reconnect_min: Duration,
-    /// Longest reconnect delay; a link that stayed up this long resets the back-off.
+    /// Longest reconnect delay.
     #[serde(
         default = "default_agent_reconnect_max",
         deserialize_with = "de_duration"
     )]
     pub reconnect_max: Duration,
+    /// A link that completed its handshake and stayed up this long starts the
+    /// back-off over from `reconnect_min`.
+    #[serde(
+        default = "default_agent_reconnect_reset",
+        deserialize_with = "de_duration"
+    )]
+    pub reconnect_reset: Duration,
+    /// From TCP connect until the handshake is done (READY; base mode: LISTEN
+    /// written); a server that has not answered by then is dropped.
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
     /// Base mode: a stream that keeps the link paused this long is closed.
     #[serde(default = "default_tunnel_stall", deserialize_with = "de_duration")]
     pub stall_timeout: Duration,
@@ -804,10 +821,13 @@ fn default_agent_connect_timeout() -> Duration {
 fn default_agent_reconnect_max() -> Duration {
     Duration::from_secs(60)
 }
+fn default_agent_reconnect_reset() -> Duration {
+    Duration::from_secs(10)
+}
 
 impl TunnelAgentConfig {
     /// An agent with every default but the four command-line settings.
-    pub fn new(server: String, local: SocketAddr, name: String, token: Option<String>) -> Self {
+    pub fn new(server: String, local: String, name: String, token: Option<String>) -> Self {
         TunnelAgentConfig {
             name,
             server,
@@ -824,6 +844,8 @@ impl TunnelAgentConfig {
             connect_timeout: default_agent_connect_timeout(),
             reconnect_min: default_reconnect_min(),
             reconnect_max: default_agent_reconnect_max(),
+            reconnect_reset: default_agent_reconnect_reset(),
+            handshake_timeout: default_handshake_timeout(),
             stall_timeout: default_tunnel_stall(),
         }
     }
@@ -1030,12 +1052,13 @@ fn validate_tunnel_agent(
             ),
         );
     }
-    match a.server.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-        _ => {
+    for (k, v) in [("server", &a.server), ("local", &a.local)] {
+        if !is_host_port(v) {
             return err(
-                key("server"),
-                format!("must be host:port, got '{}'", a.server),
+                key(k),
+                format!(
+                    "must be host:port (a name or an address, and a port from 1 to 65535), got '{v}'"
+                ),
             );
         }
     }
@@ -1049,6 +1072,12 @@ fn validate_tunnel_agent(
     if a.connect_timeout.is_zero() {
         return err(key("connect_timeout"), "must be longer than 0".to_owned());
     }
+    if a.handshake_timeout.is_zero() {
+        return err(key("handshake_timeout"), "must be longer than 0".to_owned());
+    }
+    if a.reconnect_reset.is_zero() {
+        return err(key("reconnect_reset"), "must be longer than 0".to_owned());
+    }
     if a.reconnect_min.is_zero() || a.reconnect_max < a.reconnect_min {
         return err(
             key("reconnect_max"),
@@ -1059,6 +1088,22 @@ fn validate_tunnel_agent(
         );
     }
     Ok(())
+}
+
+/// `host:port` as the tunnel agent dials it: an IP address (IPv6 in
+/// brackets) or a non-empty host name, and a port from 1 to 65535.
+fn is_host_port(v: &str) -> bool {
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return a.port() != 0;
+    }
+    match v.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
 }
 
 /// Where a broadcast's publishers come from.
@@ -1906,6 +1951,50 @@ mod tests {
         }
         assert!(Config::parse(&server("0123456789abcdef")).is_ok());
         assert!(Config::parse(&agent("0123456789abcdef")).is_ok());
+    }
+
+    #[test]
+    fn tunnel_agent_host_names_and_timeouts() {
+        let ok = "[[tunnel_agent]]\nserver = \"gw.example:9000\"\nlocal = \"localhost:23\"\n";
+        let c = Config::parse(ok).unwrap();
+        let a = &c.tunnel_agent[0];
+        assert_eq!(a.local, "localhost:23");
+        assert_eq!(a.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(a.reconnect_reset, Duration::from_secs(10));
+        for good in ["[::1]:23", "127.0.0.1:23", "plc-7.lan:502"] {
+            let text = ok.replace("localhost:23", good);
+            assert!(Config::parse(&text).is_ok(), "{good}");
+        }
+        let cases = [
+            ("localhost:23", "localhost", "tunnel_agent[0].local"),
+            ("localhost:23", "localhost:0", "tunnel_agent[0].local"),
+            ("localhost:23", ":23", "tunnel_agent[0].local"),
+            ("localhost:23", "local host:23", "tunnel_agent[0].local"),
+            (
+                "gw.example:9000",
+                "gw.example:99999",
+                "tunnel_agent[0].server",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = ok.replace(from, to);
+            let e = Config::parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{to}");
+            assert!(e.message.contains("host:port"), "{e}");
+        }
+        for (line, key) in [
+            (
+                "handshake_timeout = \"0s\"",
+                "tunnel_agent[0].handshake_timeout",
+            ),
+            (
+                "reconnect_reset = \"0s\"",
+                "tunnel_agent[0].reconnect_reset",
+            ),
+        ] {
+            let text = format!("{ok}{line}\n");
+            assert_eq!(Config::parse(&text).unwrap_err().key, key, "{line}");
+        }
     }
 
     #[test]

@@ -42,12 +42,15 @@ enum Command {
     /// Run a tunnel agent, no config file needed: dial the server and expose
     /// the local service through it (see docs/PROTOCOL.md).
     Agent {
-        /// The tunnel server, host:port.
+        /// The tunnel server, host:port (a name is resolved off the event loop
+        /// before each dial, and every address is tried in order).
         #[arg(long, value_name = "HOST:PORT")]
         server: String,
-        /// The local service streams connect to, ip:port.
-        #[arg(long, value_name = "IP:PORT")]
-        local: std::net::SocketAddr,
+        /// The local service streams connect to, host:port (a name is resolved
+        /// off the event loop; with several addresses, a failed connect moves
+        /// the next stream to the next one).
+        #[arg(long, value_name = "HOST:PORT")]
+        local: String,
         /// The service to ask for (default: the server's first service without a token).
         #[arg(long, value_name = "NAME", default_value = "")]
         name: String,

@@ -1029,6 +1029,7 @@ fn status_describes_every_role_and_what_it_serves() {
     assert!(a.get("linked_seconds").u64() <= uptime);
     assert_eq!(a.get("streams").u64(), 1);
     assert_eq!(a.get("reconnects_total").u64(), 0);
+    assert_eq!(a.get("handshake_timeouts_total").u64(), 0);
     assert_eq!(a.get("last_error").str(), "");
     assert!(
         a.get("extensions").u64() > 0,
@@ -1103,6 +1104,7 @@ fn metrics_are_prometheus_text_that_agrees_with_what_happened() {
     assert_eq!(v("switchboard_tunnel_link_up", &ta), 1.0);
     assert_eq!(v("switchboard_tunnel_streams", &ta), 1.0);
     assert_eq!(v("switchboard_tunnel_reconnects_total", &ta), 0.0);
+    assert_eq!(v("switchboard_tunnel_handshake_timeouts_total", &ta), 0.0);
     // "ping" went through the link in both directions.
     assert!(v("switchboard_tunnel_sent_bytes_total", &ts) >= 4.0);
     assert!(v("switchboard_tunnel_received_bytes_total", &ts) >= 4.0);

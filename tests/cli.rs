@@ -1,5 +1,5 @@
-//! The `switchboard` command: version, `check`, exit codes, and a graceful
-//! stop on SIGTERM.
+//! The `switchboard` command: version, `check`, exit codes, a graceful stop
+//! on SIGTERM, and `switchboard agent` with host names.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,12 +11,15 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Output, Stdio};
+use std::thread;
 use std::time::Duration;
 
+use switchboard::codec::tunnel::{Command, HEADER_LEN, header};
 use util::{
-    Captured, ChildGuard, bin, connect, send_signal, target_command, temp_file, wait_child,
+    Captured, ChildGuard, accept_within, bin, connect, send_signal, target_command, temp_file,
+    wait_child,
 };
 
 const EXIT_CONFIG: i32 = 2;
@@ -194,4 +197,80 @@ fn run_serves_then_stops_cleanly_on_sigterm() {
     assert!(log.contains(&format!("{MARK}{addr}")), "{log}");
     assert!(log.contains("shutting down"), "{log}");
     assert!(log.contains("engine stopped"), "{log}");
+}
+
+/// Write one tunnel frame.
+fn send_frame(s: &mut TcpStream, command: Command, id: u8, payload: &[u8]) {
+    s.write_all(&header(command, id, payload.len()).unwrap())
+        .unwrap();
+    s.write_all(payload).unwrap();
+}
+
+/// Read one tunnel frame (bounded by the socket's read timeout).
+fn recv_frame(s: &mut TcpStream) -> (Command, u8, Vec<u8>) {
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head).expect("a frame header");
+    let mut payload = vec![0u8; usize::from(u16::from_be_bytes([head[0], head[1]]))];
+    s.read_exact(&mut payload).expect("a frame payload");
+    (Command::from_u8(head[2]), head[3], payload)
+}
+
+#[test]
+fn agent_command_takes_host_names_for_server_and_local() {
+    // A local echo service and a base tunnel server, both written here on
+    // 127.0.0.1; the agent is given both as `localhost:PORT`.
+    let service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sport = service.local_addr().unwrap().port();
+    let echo = thread::spawn(move || {
+        let mut s = accept_within(&service, Duration::from_secs(20));
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            s.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (server, local) = (format!("localhost:{port}"), format!("localhost:{sport}"));
+    let child = target_command(bin())
+        .args(["--log-level", "info", "agent", "--server", &server])
+        .args(["--local", &local])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut child = ChildGuard(child);
+    let log = Captured::new(child.0.stderr.take().unwrap());
+
+    let mut link = accept_within(&listener, Duration::from_secs(20));
+    let (command, _, _) = recv_frame(&mut link);
+    assert_eq!(command, Command::Listen, "{}", log.text());
+    // A base server: CONNECT (to the agent's local service), then DATA.
+    send_frame(&mut link, Command::Connect, 0, &[]);
+    send_frame(&mut link, Command::Data, 0, b"hello");
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let (command, id, payload) = recv_frame(&mut link);
+        assert_eq!((command, id), (Command::Data, 0), "{}", log.text());
+        got.extend(payload);
+    }
+    assert_eq!(got, b"hello");
+
+    send_signal(child.id(), "TERM");
+    let status = child.wait(Duration::from_secs(15));
+    let log = log.finish();
+    assert_eq!(status.code(), Some(0), "{status}: {log}");
+    // The address dialled is logged (after [::1] where `localhost` has it first).
+    let dialled = format!("dialling localhost:{port} at 127.0.0.1:{port}");
+    assert!(log.contains(&dialled), "{log}");
+    echo.join().unwrap();
+
+    // Not host:port: refused before anything runs, naming the option's key.
+    let out = run(&["agent", "--server", &server, "--local", "localhost"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{stderr}");
+    assert!(
+        stderr.contains("local") && stderr.contains("host:port"),
+        "{stderr}"
+    );
 }

@@ -1398,6 +1398,273 @@ fn agent_reconnects_after_the_server_restarts() {
     assert_eq!(load(&agent.stats.reconnects_total), 1);
 }
 
+// ===== agent: handshake timeout, back-off reset, host names =====
+
+/// Read frames until the peer closes the link (within `WAIT`); returns when.
+fn wait_link_closed(s: &mut TcpStream) -> Instant {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    loop {
+        match recv_frame(s) {
+            None => return Instant::now(),
+            Some((Command::Ping, 0, _)) => {}
+            Some(f) => panic!("expected the link to be closed, got {f:?}"),
+        }
+    }
+}
+
+#[test]
+fn agent_drops_a_server_that_never_finishes_the_handshake() {
+    let service = LocalService::echo();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "dev1",
+        listener.local_addr().unwrap(),
+        service.addr,
+        "handshake_timeout = \"300ms\"\nreconnect_min = \"100ms\"\nreconnect_max = \"200ms\"",
+    )));
+
+    // 1. Accepts TCP, reads the LISTEN, never answers (what a TCP load
+    //    balancer with its backend down looks like): dropped, counted.
+    let mut silent = accept_link(&listener);
+    expect_frame(&mut silent, Command::Listen, 0);
+    wait_link_closed(&mut silent);
+    wait_count(
+        "the first handshake timeout",
+        &agent.stats.handshake_timeouts_total,
+        1,
+    );
+    let (state, why, _) = agent.stats.agent().unwrap();
+    assert_ne!(state, AgentState::Up);
+    assert!(why.contains("handshake_timeout"), "last error: {why}");
+
+    // 2. The agent redials with its back-off. This server answers HELLO and
+    //    then freezes (no READY): dropped too.
+    let mut frozen = accept_link(&listener);
+    let p = expect_frame(&mut frozen, Command::Listen, 0);
+    let req = ListenRequest::parse(&p).unwrap();
+    let hello = Hello {
+        flags: req.flags & !ext::AUTH,
+        window: 65536,
+        nonce: [9; NONCE_LEN],
+    };
+    send_frame(&mut frozen, Command::Hello, 0, &hello.encode());
+    wait_link_closed(&mut frozen);
+    wait_count(
+        "the second handshake timeout",
+        &agent.stats.handshake_timeouts_total,
+        2,
+    );
+    assert_eq!(load(&agent.stats.links_total), 0);
+
+    // 3. A server that finishes the handshake keeps its link past the
+    //    timeout, and it carries streams.
+    let mut good = accept_link(&listener);
+    let p = expect_frame(&mut good, Command::Listen, 0);
+    let req = ListenRequest::parse(&p).unwrap();
+    let flags = req.flags & !(ext::AUTH | ext::PEER_ADDR | ext::HEARTBEAT);
+    let hello = Hello {
+        flags,
+        window: 65536,
+        nonce: [7; NONCE_LEN],
+    };
+    send_frame(&mut good, Command::Hello, 0, &hello.encode());
+    send_frame(&mut good, Command::Ready, 0, &[]);
+    assert_eq!(wait_agent_up(&agent), flags);
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(agent.stats.agent().unwrap().0, AgentState::Up);
+    assert_eq!(load(&agent.stats.handshake_timeouts_total), 2);
+    send_frame(&mut good, Command::Connect, 3, &[]);
+    send_frame(&mut good, Command::Data, 3, b"up");
+    expect_data(&mut good, 3, b"up");
+}
+
+/// A base server written here for `agent_backoff_*`: accept the agent's link
+/// within `WAIT`, read its LISTEN, hold the link `hold`, drop it. Returns how
+/// long the agent took to dial after the previous drop, and when this one was
+/// dropped.
+fn base_link_cycle(
+    listener: &TcpListener,
+    dropped: Instant,
+    hold: Duration,
+) -> (Duration, Instant) {
+    let mut link = accept_link(listener);
+    let delay = dropped.elapsed();
+    assert_eq!(
+        expect_frame(&mut link, Command::Listen, 0),
+        b"",
+        "base LISTEN"
+    );
+    thread::sleep(hold);
+    drop(link);
+    (delay, Instant::now())
+}
+
+#[test]
+fn agent_backoff_starts_over_after_reconnect_reset() {
+    // With the old rule (back-off reset only after a link stayed up
+    // `reconnect_max`, 10 s here) the delays of phase A double: 0.1-0.2 s,
+    // 0.2-0.4, 0.4-0.8, 0.8-1.6 s, so the fourth is over the bound below.
+    let min = Duration::from_millis(200);
+    let reset = Duration::from_millis(500);
+    let slack = Duration::from_millis(500);
+    let service = LocalService::echo();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = start_agent(&agent_config(&agent_toml(
+        "",
+        listener.local_addr().unwrap(),
+        service.addr,
+        "extensions = false\nreconnect_min = \"200ms\"\nreconnect_max = \"10s\"\n\
+         reconnect_reset = \"500ms\"",
+    )));
+    let (_, mut dropped) = base_link_cycle(&listener, Instant::now(), reset + min);
+
+    // A. Links that stayed up longer than reconnect_reset and then dropped
+    //    (a 4G cell that froze): every redial comes after about reconnect_min.
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        let (delay, at) = base_link_cycle(&listener, dropped, reset + min);
+        delays.push(delay);
+        dropped = at;
+    }
+    assert!(
+        delays.iter().all(|d| *d < min + slack),
+        "redial delays after links that stayed up: {delays:?}"
+    );
+
+    // B. Links dropped at once (before reconnect_reset) still back off. The
+    //    first delay follows the last long link (0.1-0.2 s), then the waits
+    //    are drawn from 0.2-0.4, 0.4-0.8 and 0.8-1.6 s.
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        let (delay, at) = base_link_cycle(&listener, dropped, Duration::ZERO);
+        delays.push(delay);
+        dropped = at;
+    }
+    assert!(
+        delays[3] >= 4 * min,
+        "the back-off did not grow for short links: {delays:?}"
+    );
+
+    // C. One link that stays up again (after a wait of 1.6-3.2 s): back to
+    //    about reconnect_min.
+    let (_, at) = base_link_cycle(&listener, dropped, reset + min);
+    let (delay, _) = base_link_cycle(&listener, at, Duration::ZERO);
+    assert!(delay < min + slack, "after a long link again: {delay:?}");
+    assert_eq!(load(&agent.stats.links_total), 11);
+}
+
+/// An agent whose names are resolved by `names` (name → addresses, in
+/// order) instead of the system; counts the look-ups.
+fn start_agent_resolving(
+    config: &TunnelAgentConfig,
+    names: Vec<(String, Vec<SocketAddr>)>,
+) -> (Agent, Arc<AtomicU64>) {
+    let lookups = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&lookups);
+    let mut agent = TunnelAgent::new(config);
+    agent.set_resolver(Arc::new(move |name: &str| {
+        count.fetch_add(1, Ordering::Relaxed);
+        names
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.clone())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown name"))
+    }));
+    let stats = agent.stats();
+    let (engine, _) = TestEngine::with_roles(EngineConfig::default(), vec![Box::new(agent)]);
+    (
+        Agent {
+            _engine: engine,
+            stats,
+        },
+        lookups,
+    )
+}
+
+#[test]
+fn agent_tries_every_address_of_a_name_in_order() {
+    // The names resolve to ::1 first, then 127.0.0.1 (as many systems order
+    // `localhost`); the server and the local service listen on 127.0.0.1
+    // only. Nothing listens on [::1] at those ports: the connect is refused
+    // (or fails at once where IPv6 is off), so dialling only the first
+    // address, as before, never links.
+    let service = LocalService::echo();
+    let server = start_simple_server("svc", None, "");
+    let v6 = |port| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let names = vec![
+        (
+            format!("tunnel.test:{}", server.link.port()),
+            vec![v6(server.link.port()), server.link],
+        ),
+        (
+            format!("service.test:{}", service.addr.port()),
+            vec![v6(service.addr.port()), service.addr],
+        ),
+    ];
+    let config = agent_config(&format!(
+        "[[tunnel_agent]]\nname = \"svc\"\nserver = \"tunnel.test:{}\"\n\
+         local = \"service.test:{}\"\nreconnect_min = \"30s\"\n",
+        server.link.port(),
+        service.addr.port()
+    ));
+    let (agent, lookups) = start_agent_resolving(&config, names);
+    wait_agent_up(&agent);
+    assert_eq!(load(&lookups), 2, "server and local, resolved once each");
+    assert_eq!(load(&agent.stats.reconnects_total), 0);
+    let public = wait_public(&server.stats, "svc");
+
+    // The first stream tries [::1] (the first local address) and is refused;
+    // the next streams go to 127.0.0.1, and stay there.
+    let mut first = connect(public);
+    expect_closed(&mut first);
+    assert_eq!(load(&agent.stats.refused_total), 1);
+    for msg in [&b"second"[..], b"third", b"fourth"] {
+        echo_round_trip(public, msg);
+    }
+    assert_eq!(load(&agent.stats.refused_total), 1);
+    assert_eq!(load(&service.accepted), 3);
+}
+
+#[test]
+fn agent_resolves_localhost_for_server_and_local() {
+    // The system resolver, through `localhost`. Where `localhost` is
+    // [::1, 127.0.0.1] this also checks the order (the server written here
+    // is on 127.0.0.1 only); where it is 127.0.0.1 alone, as on some CI
+    // machines, it cannot fail on the order, which
+    // `agent_tries_every_address_of_a_name_in_order` covers.
+    let service = LocalService::echo();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sport = service.addr.port();
+    let agent = start_agent(&agent_config(&format!(
+        "[[tunnel_agent]]\nserver = \"localhost:{port}\"\nlocal = \"localhost:{sport}\"\n"
+    )));
+    let mut link = accept_link(&listener);
+    expect_frame(&mut link, Command::Listen, 0);
+
+    // The default allowlist is what `local` resolves to: an empty target,
+    // `local` as configured, and its address are served.
+    let other = util::free_port();
+    let targets: [(u8, String, bool); 4] = [
+        (1, String::new(), true),
+        (2, format!("localhost:{sport}"), true),
+        (3, format!("127.0.0.1:{sport}"), true),
+        (4, format!("127.0.0.1:{other}"), false),
+    ];
+    for (id, target, served) in targets {
+        send_frame(&mut link, Command::Connect, id, target.as_bytes());
+        if served {
+            send_frame(&mut link, Command::Data, id, b"hi");
+            expect_data(&mut link, id, b"hi");
+        } else {
+            expect_frame(&mut link, Command::Close, id);
+        }
+    }
+    assert_eq!(wait_agent_up(&agent), 0, "a base server");
+    assert_eq!(load(&service.accepted), 3);
+    assert_eq!(load(&agent.stats.refused_total), 1);
+}
+
 #[test]
 fn heartbeat_answers_pings_and_drops_a_silent_link() {
     let server = start_simple_server(

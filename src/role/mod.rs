@@ -18,7 +18,7 @@ pub use broadcast::Broadcast;
 pub use echo::Echo;
 pub use report::{Report, ReportKind};
 pub use router::Router;
-pub use tunnel::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
+pub use tunnel::{AgentState, Resolver, TunnelAgent, TunnelServer, TunnelStats};
 
 use std::net::SocketAddr;
 

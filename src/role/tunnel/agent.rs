@@ -4,12 +4,16 @@
 //! Invariant: at most one link at a time; while there is none, exactly one
 //! reconnect is scheduled (a timer, or a name resolution on a helper thread
 //! whose answer arrives as a message tagged with the attempt it belongs to).
+//! A dial tries the server's addresses in order (at most `MAX_ADDRS`) before
+//! it backs off; a link still in its handshake has exactly one deadline.
 
 use std::fmt;
+use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use log::{debug, info, warn};
 
 use super::auth::{self, Rng, Transcript};
@@ -61,10 +65,38 @@ impl fmt::Display for Client {
     }
 }
 
-/// A name resolution's answer, sent from the helper thread.
+/// Resolves a `host:port` to its addresses, in the order to try them. It
+/// runs on a helper thread, never on the event loop. The default asks the
+/// system (`getaddrinfo`); [`TunnelAgent::set_resolver`] replaces it.
+pub type Resolver = Arc<dyn Fn(&str) -> io::Result<Vec<SocketAddr>> + Send + Sync>;
+
+/// At most this many addresses of one name are kept and tried.
+const MAX_ADDRS: usize = 16;
+
+/// A name resolution's answer, sent from the helper thread. `None`: that
+/// name is an address and was not resolved.
 struct Resolved {
     attempt: u64,
-    result: Result<SocketAddr, String>,
+    server: Option<Result<Vec<SocketAddr>, String>>,
+    local: Option<Result<Vec<SocketAddr>, String>>,
+}
+
+/// The system resolver, at most `MAX_ADDRS` addresses.
+fn system_resolve(name: &str) -> io::Result<Vec<SocketAddr>> {
+    Ok(name.to_socket_addrs()?.take(MAX_ADDRS).collect())
+}
+
+/// Resolve `name` with `resolve` (on the helper thread): at least one
+/// address, at most `MAX_ADDRS`.
+fn lookup(resolve: &Resolver, name: &str) -> Result<Vec<SocketAddr>, String> {
+    match resolve(name) {
+        Ok(mut addrs) if !addrs.is_empty() => {
+            addrs.truncate(MAX_ADDRS);
+            Ok(addrs)
+        }
+        Ok(_) => Err("no address".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 struct AgentLink {
@@ -81,7 +113,25 @@ struct AgentLink {
 pub struct TunnelAgent {
     config: TunnelAgentConfig,
     mux: Mux<AgentLink>,
-    allow: Vec<SocketAddr>,
+    /// How `server` and `local` are resolved when they are names.
+    resolver: Resolver,
+    /// `server` / `local` is a host name (resolved before each dial), not an address.
+    server_is_name: bool,
+    local_is_name: bool,
+    /// The server's addresses (from the last resolution), in the order
+    /// tried, and the index of the next one to try in this round.
+    server_addrs: Vec<SocketAddr>,
+    server_next: usize,
+    /// The address of the link being dialled, or up.
+    link_addr: Option<SocketAddr>,
+    /// The local service's addresses; its streams go to `local_addrs[local_next]`.
+    local_addrs: Vec<SocketAddr>,
+    local_next: usize,
+    /// While `local` has several addresses: local connects in progress and
+    /// the index of the address each one tries (at most `max_streams`).
+    local_pending: HashMap<ConnKey, usize>,
+    /// The deadline of the link's handshake (from TCP connect until up).
+    handshake_timer: Option<TimerKey>,
     link: Option<usize>,
     link_conn: Option<ConnKey>,
     state: AgentState,
@@ -103,11 +153,8 @@ pub struct TunnelAgent {
 impl TunnelAgent {
     /// An agent for `config` (nothing is dialled before [`Role::start`]).
     pub fn new(config: &TunnelAgentConfig) -> TunnelAgent {
-        let allow = if config.allow.is_empty() {
-            vec![config.local]
-        } else {
-            config.allow.clone()
-        };
+        let server_addrs: Vec<SocketAddr> = config.server.parse().ok().into_iter().collect();
+        let local_addrs: Vec<SocketAddr> = config.local.parse().ok().into_iter().collect();
         TunnelAgent {
             mux: Mux::new(
                 Settings {
@@ -119,7 +166,16 @@ impl TunnelAgent {
                 },
                 Arc::new(TunnelStats::default()),
             ),
-            allow,
+            resolver: Arc::new(system_resolve),
+            server_is_name: server_addrs.is_empty(),
+            local_is_name: local_addrs.is_empty(),
+            server_addrs,
+            server_next: 0,
+            link_addr: None,
+            local_addrs,
+            local_next: 0,
+            local_pending: HashMap::new(),
+            handshake_timer: None,
             link: None,
             link_conn: None,
             state: AgentState::Waiting,
@@ -134,6 +190,12 @@ impl TunnelAgent {
             warn_local: LogLimit::default(),
             config: config.clone(),
         }
+    }
+
+    /// Resolve host names with `resolver` instead of the system's resolver
+    /// (an embedder's own name service; tests). Call before [`Role::start`].
+    pub fn set_resolver(&mut self, resolver: Resolver) {
+        self.resolver = resolver;
     }
 
     /// Counters and link state, readable from any thread.
@@ -161,17 +223,21 @@ impl TunnelAgent {
         }
     }
 
-    /// Dial now if the server is an address; otherwise resolve it on a helper
-    /// thread (never on the loop) and dial when the answer comes.
+    /// Start a round of dialling. A name (`server`, and `local` if it is one)
+    /// is resolved again before every round, on a helper thread (never on the
+    /// loop); the round starts when the answer comes ([`Role::on_message`]).
     fn dial(&mut self, ctx: &mut Ctx<'_>) {
         self.attempt += 1;
-        if let Ok(addr) = self.config.server.parse::<SocketAddr>() {
-            self.connect(ctx, addr);
+        self.server_next = 0;
+        if !self.server_is_name && !self.local_is_name {
+            self.dial_next(ctx, None);
             return;
         }
         self.set_state(AgentState::Waiting, None, 0);
-        let (server, attempt, handle, role) = (
-            self.config.server.clone(),
+        let server = self.server_is_name.then(|| self.config.server.clone());
+        let local = self.local_is_name.then(|| self.config.local.clone());
+        let (resolve, attempt, handle, role) = (
+            Arc::clone(&self.resolver),
             self.attempt,
             ctx.handle(),
             ctx.role_id(),
@@ -179,11 +245,13 @@ impl TunnelAgent {
         let spawned = std::thread::Builder::new()
             .name("resolve".into())
             .spawn(move || {
-                let result = server
-                    .to_socket_addrs()
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()));
-                let msg: Message = Box::new(Resolved { attempt, result });
+                let server = server.map(|n| lookup(&resolve, &n));
+                let local = local.map(|n| lookup(&resolve, &n));
+                let msg: Message = Box::new(Resolved {
+                    attempt,
+                    server,
+                    local,
+                });
                 // The engine may be stopping: then nobody needs the answer.
                 let _ = handle.send(role, msg);
             });
@@ -193,7 +261,24 @@ impl TunnelAgent {
         }
     }
 
-    fn connect(&mut self, ctx: &mut Ctx<'_>, addr: SocketAddr) {
+    /// Connect to the next server address of this round; once every address
+    /// has failed, back off (`why`: the last failure).
+    fn dial_next(&mut self, ctx: &mut Ctx<'_>, mut why: Option<String>) {
+        while let Some(&addr) = self.server_addrs.get(self.server_next) {
+            if let Some(w) = &why {
+                info!("{}: {w}; trying the next address", self.label());
+            }
+            self.server_next += 1;
+            match self.connect(ctx, addr) {
+                Ok(()) => return,
+                Err(e) => why = Some(format!("connect to {addr}: {e}")),
+            }
+        }
+        let why = why.unwrap_or_else(|| format!("no address for {}", self.config.server));
+        self.retry_later(ctx, why);
+    }
+
+    fn connect(&mut self, ctx: &mut Ctx<'_>, addr: SocketAddr) -> io::Result<()> {
         let opts = ConnectOptions {
             framing: Framing::Tunnel {
                 max: self.config.max_frame,
@@ -202,37 +287,52 @@ impl TunnelAgent {
             timeout: Some(self.config.connect_timeout),
             ..ConnectOptions::default()
         };
-        match ctx.connect(addr, opts) {
-            Ok(conn) => {
-                let now = ctx.now();
-                let li = self.mux.add_link(
-                    conn,
-                    now,
-                    AgentLink {
-                        flags: 0,
-                        nonce: [0; NONCE_LEN],
-                        server_nonce: [0; NONCE_LEN],
-                        peer_window: 0,
-                        hello: false,
-                    },
-                );
-                self.link = Some(li);
-                self.link_conn = Some(conn);
-                self.set_state(AgentState::Connecting, None, 0);
-                debug!("{}: dialling {addr}", self.label());
-            }
-            Err(e) => self.retry_later(ctx, format!("connect to {addr}: {e}")),
+        let conn = ctx.connect(addr, opts)?;
+        let now = ctx.now();
+        let li = self.mux.add_link(
+            conn,
+            now,
+            AgentLink {
+                flags: 0,
+                nonce: [0; NONCE_LEN],
+                server_nonce: [0; NONCE_LEN],
+                peer_window: 0,
+                hello: false,
+            },
+        );
+        self.link = Some(li);
+        self.link_conn = Some(conn);
+        self.link_addr = Some(addr);
+        self.set_state(AgentState::Connecting, None, 0);
+        let n = self.server_addrs.len();
+        if !self.server_is_name {
+            info!("{}: dialling {addr}", self.label());
+        } else if n > 1 {
+            let i = self.server_next;
+            let server = &self.config.server;
+            info!(
+                "{}: dialling {server} at {addr} (address {i} of {n})",
+                self.label()
+            );
+        } else {
+            info!(
+                "{}: dialling {} at {addr}",
+                self.label(),
+                self.config.server
+            );
         }
+        Ok(())
     }
 
     /// Schedule the next dial: exponential back-off with jitter (half to all
-    /// of the current delay), reset after a link that stayed up `reconnect_max`.
+    /// of the current delay). A link that completed its handshake and stayed
+    /// up `reconnect_reset` starts the back-off over from `reconnect_min`.
     fn retry_later(&mut self, ctx: &mut Ctx<'_>, why: String) {
         let now = ctx.now();
         if self
             .up_since
             .take()
-            .is_some_and(|t| now.duration_since(t) >= self.config.reconnect_max)
+            .is_some_and(|t| now.duration_since(t) >= self.config.reconnect_reset)
         {
             self.backoff = self.config.reconnect_min;
         }
@@ -243,6 +343,78 @@ impl TunnelAgent {
         info!("{}: {why}; reconnecting in {wait:?}", self.label());
         self.set_state(AgentState::Waiting, Some(why), 0);
         ctx.set_timer(now + wait, token::RECONNECT);
+    }
+
+    /// New addresses for `local`: streams start again at the first one.
+    fn set_local(&mut self, addrs: Vec<SocketAddr>) {
+        if addrs != self.local_addrs {
+            info!("{}: local {} is {addrs:?}", self.label(), self.config.local);
+            self.local_addrs = addrs;
+            self.local_next = 0;
+        }
+    }
+
+    /// Where a CONNECT for `target` goes, and whether it is the local service
+    /// (an empty target, or `local` as configured): the local service's
+    /// current address, or an allowed address (`allow`; by default the
+    /// addresses `local` resolves to). `None`: refused.
+    fn target(&self, target: &[u8]) -> Option<(SocketAddr, bool)> {
+        if target.is_empty() || target == self.config.local.as_bytes() {
+            return self.local_addrs.get(self.local_next).map(|&a| (a, true));
+        }
+        let addr = std::str::from_utf8(target)
+            .ok()?
+            .parse::<SocketAddr>()
+            .ok()?;
+        let allowed = if self.config.allow.is_empty() {
+            self.local_addrs.contains(&addr)
+        } else {
+            self.config.allow.contains(&addr)
+        };
+        allowed.then_some((addr, false))
+    }
+
+    /// A local connect failed: if it tried the current local address and
+    /// there are others, the next stream tries the next one. (The stream
+    /// itself is refused; bytes queued for it are not moved.)
+    fn local_failed(&mut self, index: usize, reason: CloseReason) {
+        let failed = matches!(reason, CloseReason::Io(_) | CloseReason::ConnectTimeout);
+        if !failed || index != self.local_next || self.local_addrs.len() < 2 {
+            return;
+        }
+        self.local_next = (self.local_next + 1) % self.local_addrs.len();
+        if let (Some(from), Some(to)) = (
+            self.local_addrs.get(index),
+            self.local_addrs.get(self.local_next),
+        ) {
+            info!(
+                "{}: local {} at {from} failed ({reason}); the next streams go to {to}",
+                self.label(),
+                self.config.local
+            );
+        }
+    }
+
+    /// The server has not finished the handshake within `handshake_timeout`:
+    /// drop the link (counted); [`Role::on_closed`] redials with back-off.
+    fn handshake_expired(&mut self, ctx: &mut Ctx<'_>, li: usize) {
+        let Some(conn) = self.link_conn.filter(|_| self.link == Some(li)) else {
+            return;
+        };
+        if self.mux.links.get(li).is_none_or(|l| l.up) {
+            return;
+        }
+        bump(&self.mux.stats.handshake_timeouts_total);
+        let at = self
+            .link_addr
+            .map_or_else(String::new, |a| format!(" at {a}"));
+        let why = format!(
+            "the server{at} did not finish the handshake within handshake_timeout ({:?})",
+            self.config.handshake_timeout
+        );
+        warn!("{}: {why}; closing the link", self.label());
+        self.fail_reason = Some(why);
+        ctx.abort(conn);
     }
 
     fn send_listen(&mut self, ctx: &mut Ctx<'_>, li: usize) {
@@ -278,6 +450,9 @@ impl TunnelAgent {
 
     fn link_up(&mut self, ctx: &mut Ctx<'_>, li: usize, flags: u16, peer_window: u32) {
         let now = ctx.now();
+        if let Some(t) = self.handshake_timer.take() {
+            ctx.cancel_timer(t);
+        }
         self.mux.link_up(li, flags, peer_window, now);
         self.up_since = Some(now);
         self.set_state(AgentState::Up, None, flags);
@@ -425,15 +600,8 @@ impl TunnelAgent {
             }
         }
         let from = Client(client);
-        let addr = if target.is_empty() {
-            Some(self.config.local)
-        } else {
-            std::str::from_utf8(target)
-                .ok()
-                .and_then(|t| t.parse::<SocketAddr>().ok())
-                .filter(|a| self.allow.contains(a))
-        };
-        let Some(addr) = addr else {
+        let target_addr = self.target(target);
+        let Some((addr, is_local)) = target_addr else {
             bump(&self.mux.stats.refused_total);
             if let Some(n) = self.warn_refused.check(ctx.now()) {
                 warn!(
@@ -478,6 +646,9 @@ impl TunnelAgent {
                     self.label()
                 );
                 self.mux.open_stream(ctx, li, id, conn);
+                if is_local && self.local_addrs.len() > 1 {
+                    self.local_pending.insert(conn, self.local_next);
+                }
             }
             Err(e) => {
                 bump(&self.mux.stats.refused_total);
@@ -568,7 +739,7 @@ impl Role for TunnelAgent {
     fn report(&self, _view: &View<'_>, out: &mut Report) {
         let link = self.link.and_then(|li| self.mux.links.get(li));
         out.str("server", &self.config.server);
-        out.addr("local", Some(self.config.local));
+        out.str("local", &self.config.local);
         out.str("state", &self.state.to_string());
         out.age(
             "linked_seconds",
@@ -581,6 +752,16 @@ impl Role for TunnelAgent {
             "reconnects_total",
             st.reconnects_total
                 .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let handshake_timeouts = st
+            .handshake_timeouts_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        out.num("handshake_timeouts_total", handshake_timeouts);
+        out.counter(
+            "switchboard_tunnel_handshake_timeouts_total",
+            "Agent links dropped because the server did not finish the handshake in time.",
+            &[],
+            handshake_timeouts,
         );
         let last = st.agent().map(|a| a.1).unwrap_or_default();
         out.str("last_error", &last);
@@ -612,10 +793,15 @@ impl Role for TunnelAgent {
 
     fn on_connected(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
         if self.link_conn != Some(conn) {
+            self.local_pending.remove(&conn);
             return;
         }
         link_keepalive(ctx, conn, self.config.heartbeat_timeout);
         if let Some(li) = self.link {
+            // Until the link is up (link_up cancels it; with extensions = false
+            // that is as soon as LISTEN is queued).
+            let at = ctx.now() + self.config.handshake_timeout;
+            self.handshake_timer = Some(ctx.set_timer(at, token::HANDSHAKE | li as u64));
             self.send_listen(ctx, li);
         }
     }
@@ -661,6 +847,9 @@ impl Role for TunnelAgent {
 
     fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
         if self.link_conn != Some(conn) {
+            if let Some(index) = self.local_pending.remove(&conn) {
+                self.local_failed(index, reason);
+            }
             if reason == CloseReason::Stalled {
                 bump(&self.mux.stats.stalled_total);
             }
@@ -670,29 +859,50 @@ impl Role for TunnelAgent {
             return;
         }
         self.link_conn = None;
+        if let Some(t) = self.handshake_timer.take() {
+            ctx.cancel_timer(t);
+        }
         let was_up = self.state == AgentState::Up;
+        let connecting = self.state == AgentState::Connecting;
         if let Some(li) = self.link.take() {
             self.mux.remove_link(ctx, li);
         }
         if was_up {
             bump(&self.mux.stats.reconnects_total);
         }
-        let what = if was_up { "link lost" } else { "link failed" };
+        let what = if was_up {
+            "link lost"
+        } else if connecting {
+            "cannot connect"
+        } else {
+            "link failed"
+        };
+        let at = self
+            .link_addr
+            .take()
+            .map_or_else(String::new, |a| format!(" to {a}"));
         let why = self
             .fail_reason
             .take()
-            .unwrap_or_else(|| format!("{what} ({reason})"));
+            .unwrap_or_else(|| format!("{what}{at} ({reason})"));
         if self.stopping {
             self.set_state(AgentState::Waiting, Some(why), 0);
+        } else if connecting {
+            // TCP never connected: the next address, if any, before backing off.
+            self.dial_next(ctx, Some(why));
         } else {
             self.retry_later(ctx, why);
         }
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _timer: TimerKey, tok: u64) {
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, tok: u64) {
         let (kind, li) = token::split(tok);
         match kind {
             token::RECONNECT if !self.stopping => self.dial(ctx),
+            token::HANDSHAKE if self.handshake_timer == Some(timer) => {
+                self.handshake_timer = None;
+                self.handshake_expired(ctx, li);
+            }
             token::HEARTBEAT => {
                 if let Some(link) = self.mux.links.get_mut(li) {
                     heartbeat(ctx, link, li, self.config.heartbeat_interval);
@@ -710,12 +920,33 @@ impl Role for TunnelAgent {
         let Ok(resolved) = msg.downcast::<Resolved>() else {
             return;
         };
-        if resolved.attempt != self.attempt || self.link.is_some() {
+        if resolved.attempt != self.attempt || self.link.is_some() || self.stopping {
             return;
         }
-        match resolved.result {
-            Ok(addr) => self.connect(ctx, addr),
-            Err(e) => self.retry_later(ctx, format!("cannot resolve {}: {e}", self.config.server)),
+        let Resolved { server, local, .. } = *resolved;
+        match local {
+            Some(Ok(addrs)) => self.set_local(addrs),
+            Some(Err(e)) if self.local_addrs.is_empty() => {
+                let why = format!("cannot resolve local {}: {e}", self.config.local);
+                self.retry_later(ctx, why);
+                return;
+            }
+            Some(Err(e)) => warn!(
+                "{}: cannot resolve local {}: {e}; keeping {:?}",
+                self.label(),
+                self.config.local,
+                self.local_addrs
+            ),
+            None => {}
         }
+        match server {
+            Some(Ok(addrs)) => self.server_addrs = addrs,
+            Some(Err(e)) => {
+                self.retry_later(ctx, format!("cannot resolve {}: {e}", self.config.server));
+                return;
+            }
+            None => {}
+        }
+        self.dial_next(ctx, None);
     }
 }

@@ -13,7 +13,7 @@ mod agent;
 mod auth;
 mod server;
 
-pub use agent::{AgentState, TunnelAgent};
+pub use agent::{AgentState, Resolver, TunnelAgent};
 pub use server::TunnelServer;
 
 use std::collections::VecDeque;
@@ -76,6 +76,9 @@ pub struct TunnelStats {
     pub pending_refused_total: AtomicU64,
     /// Server: handshakes closed to make room when `max_pending` were in progress.
     pub pending_evicted_total: AtomicU64,
+    /// Agent: links dropped because the server did not finish the handshake
+    /// within `handshake_timeout`.
+    pub handshake_timeouts_total: AtomicU64,
     /// Stream payload bytes received from the link and queued for sockets.
     pub bytes_from_link_total: AtomicU64,
     /// Stream payload bytes read from sockets and sent on the link.
