@@ -69,7 +69,17 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
-    match cli.command {
+    let code = command(cli.command);
+    // Lines still queued for the log writer thread reach the output first.
+    switchboard::engine::flush_logs(LOG_FLUSH_AT_EXIT);
+    code
+}
+
+/// How long an exiting process waits for its queued log lines.
+const LOG_FLUSH_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn command(command: Command) -> ExitCode {
+    match command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 print!("{}: ok\n{}", config.display(), c.describe());
@@ -169,12 +179,26 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// simplelog (the user's design card) writing through a
+/// [`switchboard::engine::LogSink`]: one write call per line, from a writer
+/// thread, so a stalled stderr (a pipe nobody drains) never stalls the event
+/// loop; lines it cannot take are dropped and counted
+/// (`switchboard_log_dropped_total`). Under systemd (`JOURNAL_STREAM` set)
+/// lines carry no timestamp of their own: journald adds one.
 fn init_logging(level: LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
+    let mut config = simplelog::ConfigBuilder::new();
+    config
         .set_time_format_rfc3339()
         .set_target_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .build();
+        .set_thread_level(LevelFilter::Off);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        config.set_time_level(LevelFilter::Off);
+    }
+    let config = config.build();
     // Only fails if a logger is already set, which cannot happen here.
-    simplelog::WriteLogger::init(level, config, std::io::stderr()).ok();
+    match switchboard::engine::LogSink::new(std::io::stderr()) {
+        Ok(sink) => simplelog::WriteLogger::init(level, config, sink).ok(),
+        // No thread for the writer: write directly (may block on a stalled stderr).
+        Err(_) => simplelog::WriteLogger::init(level, config, std::io::stderr()).ok(),
+    };
 }

@@ -274,3 +274,59 @@ fn agent_command_takes_host_names_for_server_and_local() {
         "{stderr}"
     );
 }
+
+/// GET `path` from the admin endpoint at `addr`; the body.
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = connect(addr);
+    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    body.to_owned()
+}
+
+#[test]
+fn a_stderr_nobody_reads_never_stalls_the_loop() {
+    let echo = SocketAddr::from(([127, 0, 0, 1], util::fixed_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], util::fixed_port()));
+    let cfg = temp_file(
+        "stuck-stderr.toml",
+        &format!("[[echo]]\nlisten = \"{echo}\"\n\n[admin]\nlisten = \"{admin}\"\n"),
+    );
+    // Debug logging writes three lines per connection; stderr is a pipe
+    // that this test holds open and never reads (64 KiB fill it).
+    let mut child = target_command(bin())
+        .args(["--log-level", "debug", "run", "-c", cfg.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let _stuck = child.stderr.take().unwrap();
+    let _child = ChildGuard(child);
+    let ready = util::wait_until(Duration::from_secs(20), || {
+        TcpStream::connect_timeout(&echo, Duration::from_millis(200)).is_ok()
+    });
+    assert!(ready, "echo on {echo} never opened");
+    // Far more log than the pipe and the log queue hold together.
+    for i in 0..1500u32 {
+        let mut s = connect(echo);
+        let msg = i.to_be_bytes();
+        s.write_all(&msg).unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("round trip {i}: {e} (the loop is stuck)"));
+        assert_eq!(got, msg);
+    }
+    let metrics = http_get(admin, "/metrics");
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_log_dropped_total "))
+        .unwrap_or_else(|| panic!("no switchboard_log_dropped_total in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "no log line was dropped: {metrics}");
+}

@@ -258,6 +258,7 @@ impl Report {
                 self.num("bytes_out_total", engine.bytes_out_total);
                 self.num("buffers_lent", engine.buffers_lent);
                 self.num("turns_total", engine.turns_total);
+                self.num("log_dropped_total", crate::engine::log_dropped_total());
                 self.close_object();
                 self.open_array(Some("roles"));
             }
@@ -299,6 +300,12 @@ impl Report {
                     "switchboard_sent_bytes_total",
                     "Bytes written to sockets.",
                     engine.bytes_out_total,
+                );
+                c(
+                    self,
+                    "switchboard_log_dropped_total",
+                    "Log lines dropped because the log output could not take them in time.",
+                    crate::engine::log_dropped_total(),
                 );
                 c(
                     self,
