@@ -211,6 +211,8 @@ pub(crate) struct Core {
     config: EngineConfig,
     accept_backoff: Option<TimerKey>,
     limit_logged: bool,
+    /// Connections closed for their framing: one warning a second.
+    warn_frame: LogLimit,
     /// The frame being handed to a role, so `Ctx::forward` can recognise it.
     dispatching: Option<Dispatching>,
     /// Set by `Ctx::forward`: move the current frame's buffer to this connection.
@@ -272,6 +274,7 @@ impl Engine {
             next_generation: 0,
             accept_backoff: None,
             limit_logged: false,
+            warn_frame: LogLimit::default(),
             dispatching: None,
             forward_to: None,
             accept_error_logged: false,
@@ -781,8 +784,11 @@ impl Engine {
                     if resynced {
                         continue;
                     }
-                    if let Some(c) = self.core.conn(key) {
-                        warn!("{key} from {}: {e}; closing", c.peer);
+                    let now = self.core.now;
+                    if let Some(n) = self.core.warn_frame.check(now)
+                        && let Some(c) = self.core.conn(key)
+                    {
+                        warn!("{key} from {}: {e}; closing{}", c.peer, Suppressed(n));
                     }
                     self.core.close_now(idx, CloseReason::Frame(e));
                     return (false, frames);

@@ -23,8 +23,8 @@ use log::{debug, error, info, warn};
 use crate::codec::Frame;
 use crate::config::{ConnptConfig, Duplicate, Identity, Offline, RoleConfig, RouterConfig};
 use crate::engine::{
-    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, SendError,
-    TimerKey, View,
+    CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, LogLimit,
+    SendError, Suppressed, TimerKey, View,
 };
 use crate::role::{Reconfigure, Report, Role};
 
@@ -222,6 +222,11 @@ pub struct Router {
     pending_per_ip: HashMap<IpAddr, usize>,
     /// Connpt slots freed by a reload, reused by the next one added.
     free_connpts: Vec<u32>,
+    /// Warnings devices can repeat (refused, unknown id, duplicate): one
+    /// line per kind per second.
+    warn_refused: LogLimit,
+    warn_unknown: LogLimit,
+    warn_duplicate: LogLimit,
 }
 
 // ===== impl Router =====
@@ -245,6 +250,9 @@ impl Router {
             pending: 0,
             pending_per_ip: HashMap::new(),
             free_connpts: Vec::new(),
+            warn_refused: LogLimit::default(),
+            warn_unknown: LogLimit::default(),
+            warn_duplicate: LogLimit::default(),
             config: config.clone(),
         };
         for c in &config.connpt {
@@ -446,10 +454,14 @@ impl Router {
         }
         let per_ip = self.pending_per_ip.get(&peer.ip()).copied().unwrap_or(0);
         if self.pending >= self.config.max_pending || per_ip >= self.config.max_pending_per_ip {
-            warn!(
-                "{}: refused device {peer}: too many unidentified connections ({} in all, {per_ip} from its address)",
-                self.config.name, self.pending
-            );
+            if let Some(n) = self.warn_refused.check(ctx.now()) {
+                warn!(
+                    "{}: refused device {peer}: too many unidentified connections ({} in all, {per_ip} from its address){}",
+                    self.config.name,
+                    self.pending,
+                    Suppressed(n)
+                );
+            }
             bump(&self.stats.refused);
             ctx.abort(key);
             return;
@@ -551,10 +563,13 @@ impl Router {
 
     fn unknown(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr, id: &[u8]) {
         let shown = ShownId::new(id);
-        warn!(
-            "{}: unknown id {shown} from {peer}; closing",
-            self.config.name
-        );
+        if let Some(n) = self.warn_unknown.check(ctx.now()) {
+            warn!(
+                "{}: unknown id {shown} from {peer}; closing{}",
+                self.config.name,
+                Suppressed(n)
+            );
+        }
         bump(&self.stats.unknown_total);
         if self.config.recent_unknown > 0
             && let Ok(mut recent) = self.stats.recent.lock()
@@ -583,10 +598,13 @@ impl Router {
         if let Some((old, old_peer)) = c.device {
             match duplicate {
                 Duplicate::Reject => {
-                    warn!(
-                        "{name}: {} is online from {old_peer}; rejected {peer}",
-                        c.name
-                    );
+                    if let Some(n) = self.warn_duplicate.check(ctx.now()) {
+                        warn!(
+                            "{name}: {} is online from {old_peer}; rejected {peer}{}",
+                            c.name,
+                            Suppressed(n)
+                        );
+                    }
                     bump(&self.stats.rejected);
                     ctx.abort(key);
                     return;
