@@ -330,3 +330,82 @@ fn a_stderr_nobody_reads_never_stalls_the_loop() {
         .unwrap();
     assert!(dropped > 0, "no log line was dropped: {metrics}");
 }
+
+/// The keys a config section accepts, as the parser lists them when it
+/// meets an unknown one.
+fn accepted_keys(section: &str) -> Vec<String> {
+    let text = format!("{section}\nno_such_key_here = 1\n");
+    let e = switchboard::Config::parse(&text)
+        .expect_err("an unknown key must be refused")
+        .to_string();
+    let list = e
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| e.split("expected ").nth(1))
+        .unwrap_or_else(|| panic!("no key list in: {e}"));
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn readme_documents_every_config_key_the_binary_accepts() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let sections = [
+        "[engine]",
+        "[[echo]]\nlisten = \"127.0.0.1:1\"",
+        "[[broadcast]]\nlisten = \"127.0.0.1:1\"",
+        "[[router]]\nlisten = \"127.0.0.1:1\"",
+        "[[router]]\nlisten = \"127.0.0.1:1\"\n[[router.connpt]]\nname = \"c\"",
+        "[[tunnel_server]]\nlisten = \"127.0.0.1:1\"",
+        "[[tunnel_server]]\nlisten = \"127.0.0.1:1\"\n[[tunnel_server.service]]\nname = \"s\"",
+        "[[tunnel_agent]]\nserver = \"a:1\"\nlocal = \"b:2\"",
+        "[admin]\nlisten = \"127.0.0.1:1\"",
+    ];
+    let mut missing = Vec::new();
+    for section in sections {
+        let keys = accepted_keys(section);
+        assert!(keys.len() > 1, "{section}: {keys:?}");
+        for key in keys {
+            // A key, or a sub-table such as `[[tunnel_server.service]]`.
+            if !readme.contains(&format!("`{key}`")) && !readme.contains(&format!(".{key}]]")) {
+                missing.push(format!("{} {key}", section.lines().last().unwrap_or("")));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "keys not documented in README.md: {missing:?}"
+    );
+}
+
+#[test]
+fn readme_lists_every_subcommand_and_global_option() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let listing = readme
+        .split("## Command line")
+        .nth(1)
+        .and_then(|r| r.split("\n## ").next())
+        .expect("a Command line section");
+    let help = text(&run(&["--help"]).stdout);
+    for cmd in ["run", "check", "agent"] {
+        assert!(help.contains(cmd), "--help lacks {cmd}: {help}");
+        assert!(
+            listing.contains(&format!("switchboard {cmd}")),
+            "README lacks `switchboard {cmd}`"
+        );
+    }
+    let agent = text(&run(&["agent", "--help"]).stdout);
+    for flag in ["--server", "--local", "--name", "--token", "--token-file"] {
+        assert!(agent.contains(flag), "agent --help lacks {flag}");
+        assert!(listing.contains(flag), "README's listing lacks {flag}");
+    }
+    for flag in ["--log-level", "--version", "--help"] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+        assert!(listing.contains(flag), "README's listing lacks {flag}");
+    }
+}
