@@ -1875,9 +1875,11 @@ fn silent_links_cannot_lock_a_real_agent_out() {
         Some("t-0123456789abcdef"),
         "max_pending = 4\nmax_pending_per_ip = 2",
     );
-    // Two silent links from one address; a third from it is closed at once.
+    // Two silent links from one address; once they have been pending past
+    // the grace (500 ms), a third from it is closed at once.
     let mut a = attach_from(&server, [127, 0, 0, 1]);
     let _b = attach_from(&server, [127, 0, 0, 1]);
+    thread::sleep(Duration::from_millis(600));
     let mut c = connect_from([127, 0, 0, 1], server.link);
     expect_closed(&mut c);
     assert_eq!(load(&server.stats.pending_refused_total), 1);
@@ -1893,6 +1895,18 @@ fn silent_links_cannot_lock_a_real_agent_out() {
     // The address whose link was evicted may start a handshake again.
     let mut again = connect_from([127, 0, 0, 1], server.link);
     hand_listen(&mut again, ext::AUTH, [5; NONCE_LEN], b"svc");
+}
+
+#[test]
+fn a_burst_of_agents_from_one_address_is_not_refused() {
+    // Agents behind one carrier-NAT address redial together after an
+    // outage: more at once than max_pending_per_ip, each handshaking at once.
+    let server = start_simple_server("svc", None, "max_pending_per_ip = 2");
+    let mut links: Vec<TcpStream> = (0..8).map(|_| connect(server.link)).collect();
+    for (k, link) in links.iter_mut().enumerate() {
+        hand_listen(link, 0, [k as u8; NONCE_LEN], b"svc");
+    }
+    assert_eq!(load(&server.stats.pending_refused_total), 0);
 }
 
 #[test]

@@ -5,7 +5,10 @@
 //! - [`Pending`]: the connections in their handshake, oldest first, with a
 //!   count per source address. Full table: the oldest is evicted to make
 //!   room (a peer that is talking gets in; a silent one is the first to go).
-//!   Too many from one address: the new one is refused.
+//!   Too many from one address: the new one is refused. Only connections
+//!   pending longer than a grace ([`PER_IP_GRACE`]) count against their
+//!   address, so a burst of peers that identify at once (modems behind one
+//!   carrier-NAT address reconnecting after an outage) is never refused.
 //! - [`Throttle`]: addresses that keep failing their handshake are refused
 //!   on accept for a while.
 //!
@@ -15,6 +18,10 @@
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+/// A connection counts against its address's `max_pending_per_ip` only
+/// once it has been pending this long.
+pub(crate) const PER_IP_GRACE: Duration = Duration::from_millis(500);
 
 use hashbrown::HashMap;
 use slab::Slab;
@@ -39,8 +46,21 @@ pub(crate) struct PendingId(usize);
 struct Entry<K> {
     key: K,
     ip: IpAddr,
+    since: Instant,
+    /// Neighbours in arrival order, all addresses.
     older: Option<usize>,
     newer: Option<usize>,
+    /// Neighbours in arrival order, this address only.
+    ip_older: Option<usize>,
+    ip_newer: Option<usize>,
+}
+
+/// One address's entries: its oldest and newest (a list through
+/// `ip_older`/`ip_newer`).
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    oldest: usize,
+    newest: usize,
 }
 
 /// Connections in their handshake, in arrival order, counted per address.
@@ -49,14 +69,16 @@ pub(crate) struct Pending<K> {
     entries: Slab<Entry<K>>,
     oldest: Option<usize>,
     newest: Option<usize>,
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: HashMap<IpAddr, Ends>,
     capacity: usize,
     max_per_ip: usize,
+    grace: Duration,
 }
 
 impl<K: Copy + PartialEq> Pending<K> {
-    /// A table for at most `capacity` connections, `max_per_ip` from one address.
-    pub(crate) fn new(capacity: usize, max_per_ip: usize) -> Pending<K> {
+    /// A table for at most `capacity` connections, `max_per_ip` from one
+    /// address (counting those pending longer than `grace`).
+    pub(crate) fn new(capacity: usize, max_per_ip: usize, grace: Duration) -> Pending<K> {
         Pending {
             entries: Slab::with_capacity(capacity),
             oldest: None,
@@ -64,6 +86,7 @@ impl<K: Copy + PartialEq> Pending<K> {
             per_ip: HashMap::with_capacity(capacity),
             capacity,
             max_per_ip,
+            grace,
         }
     }
 
@@ -72,10 +95,10 @@ impl<K: Copy + PartialEq> Pending<K> {
         self.entries.len()
     }
 
-    /// Decide on a new connection from `ip`; with [`Admit::Evicted`] the
-    /// oldest entry is already gone from the table.
-    pub(crate) fn admit(&mut self, ip: IpAddr) -> Admit<K> {
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+    /// Decide on a new connection from `ip` at `now`; with
+    /// [`Admit::Evicted`] the oldest entry is already gone from the table.
+    pub(crate) fn admit(&mut self, ip: IpAddr, now: Instant) -> Admit<K> {
+        if self.settled_from(ip, now) >= self.max_per_ip {
             return Admit::TooManyFromAddress;
         }
         if self.entries.len() < self.capacity {
@@ -87,20 +110,53 @@ impl<K: Copy + PartialEq> Pending<K> {
         }
     }
 
-    /// Add `key` (after [`Pending::admit`] said there is room).
-    pub(crate) fn insert(&mut self, key: K, ip: IpAddr) -> PendingId {
+    /// Entries from `ip` pending longer than the grace, counted from its
+    /// oldest (at most `max_per_ip` are looked at).
+    fn settled_from(&self, ip: IpAddr, now: Instant) -> usize {
+        let mut at = self.per_ip.get(&ip).map(|e| e.oldest);
+        let mut n = 0;
+        while let Some(e) = at.and_then(|i| self.entries.get(i)) {
+            if n >= self.max_per_ip || now.saturating_duration_since(e.since) < self.grace {
+                break;
+            }
+            n += 1;
+            at = e.ip_newer;
+        }
+        n
+    }
+
+    /// Add `key`, arrived at `now` (after [`Pending::admit`] said there is room).
+    pub(crate) fn insert(&mut self, key: K, ip: IpAddr, now: Instant) -> PendingId {
+        let ip_newest = self.per_ip.get(&ip).map(|e| e.newest);
         let i = self.entries.insert(Entry {
             key,
             ip,
+            since: now,
             older: self.newest,
             newer: None,
+            ip_older: ip_newest,
+            ip_newer: None,
         });
         match self.newest.and_then(|n| self.entries.get_mut(n)) {
             Some(n) => n.newer = Some(i),
             None => self.oldest = Some(i),
         }
         self.newest = Some(i);
-        *self.per_ip.entry(ip).or_insert(0) += 1;
+        match ip_newest.and_then(|n| self.entries.get_mut(n)) {
+            Some(n) => n.ip_newer = Some(i),
+            None => {
+                self.per_ip.insert(
+                    ip,
+                    Ends {
+                        oldest: i,
+                        newest: i,
+                    },
+                );
+            }
+        }
+        if let Some(ends) = self.per_ip.get_mut(&ip) {
+            ends.newest = i;
+        }
         PendingId(i)
     }
 
@@ -122,10 +178,25 @@ impl<K: Copy + PartialEq> Pending<K> {
             Some(n) => n.older = e.older,
             None => self.newest = e.older,
         }
-        if let Some(n) = self.per_ip.get_mut(&e.ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(o) = e.ip_older.and_then(|o| self.entries.get_mut(o)) {
+            o.ip_newer = e.ip_newer;
+        }
+        if let Some(n) = e.ip_newer.and_then(|n| self.entries.get_mut(n)) {
+            n.ip_older = e.ip_older;
+        }
+        match (e.ip_older, e.ip_newer) {
+            (None, None) => {
                 self.per_ip.remove(&e.ip);
+            }
+            (older, newer) => {
+                if let Some(ends) = self.per_ip.get_mut(&e.ip) {
+                    if let Some(n) = newer.filter(|_| older.is_none()) {
+                        ends.oldest = n;
+                    }
+                    if let Some(o) = older.filter(|_| newer.is_none()) {
+                        ends.newest = o;
+                    }
+                }
             }
         }
         Some(e.key)
@@ -227,44 +298,84 @@ mod tests {
         IpAddr::from([10, 0, 0, n])
     }
 
+    /// A table with no grace, and the time a test starts at.
+    fn table(capacity: usize, per_ip: usize) -> (Pending<u32>, Instant) {
+        (
+            Pending::new(capacity, per_ip, Duration::ZERO),
+            Instant::now(),
+        )
+    }
+
     #[test]
     fn a_full_table_evicts_the_oldest_and_one_address_is_capped() {
-        let mut p: Pending<u32> = Pending::new(3, 2);
-        let a = p.insert(1, ip(1));
-        assert_eq!(p.admit(ip(1)), Admit::Yes);
-        p.insert(2, ip(1));
-        assert_eq!(p.admit(ip(1)), Admit::TooManyFromAddress);
-        assert_eq!(p.admit(ip(2)), Admit::Yes);
-        p.insert(3, ip(2));
+        let (mut p, t) = table(3, 2);
+        let a = p.insert(1, ip(1), t);
+        assert_eq!(p.admit(ip(1), t), Admit::Yes);
+        p.insert(2, ip(1), t);
+        assert_eq!(p.admit(ip(1), t), Admit::TooManyFromAddress);
+        assert_eq!(p.admit(ip(2), t), Admit::Yes);
+        p.insert(3, ip(2), t);
         // Full: the oldest (1) makes room, and its address may send again.
-        assert_eq!(p.admit(ip(3)), Admit::Evicted(1));
+        assert_eq!(p.admit(ip(3), t), Admit::Evicted(1));
         assert_eq!(p.len(), 2);
-        assert_eq!(p.admit(ip(1)), Admit::Yes);
-        p.insert(4, ip(3));
+        assert_eq!(p.admit(ip(1), t), Admit::Yes);
+        p.insert(4, ip(3), t);
         // A late remove of the evicted entry does not touch the entry that
         // took its slot.
         p.remove(a, 1);
         assert_eq!(p.len(), 3);
-        assert_eq!(p.admit(ip(4)), Admit::Evicted(2));
-        assert_eq!(p.admit(ip(4)), Admit::Yes);
+        assert_eq!(p.admit(ip(4), t), Admit::Evicted(2));
+        assert_eq!(p.admit(ip(4), t), Admit::Yes);
     }
 
     #[test]
     fn removal_from_the_middle_keeps_the_order() {
-        let mut p: Pending<u32> = Pending::new(3, 3);
-        p.insert(1, ip(1));
-        let b = p.insert(2, ip(1));
-        p.insert(3, ip(1));
+        let (mut p, t) = table(3, 3);
+        p.insert(1, ip(1), t);
+        let b = p.insert(2, ip(1), t);
+        p.insert(3, ip(1), t);
         p.remove(b, 2);
-        p.insert(4, ip(2));
-        assert_eq!(p.admit(ip(3)), Admit::Evicted(1));
-        p.insert(5, ip(3));
-        assert_eq!(p.admit(ip(3)), Admit::Evicted(3));
-        assert_eq!(p.admit(ip(3)), Admit::Yes);
-        p.insert(6, ip(3));
-        assert_eq!(p.admit(ip(3)), Admit::Evicted(4));
+        p.insert(4, ip(2), t);
+        assert_eq!(p.admit(ip(3), t), Admit::Evicted(1));
+        p.insert(5, ip(3), t);
+        assert_eq!(p.admit(ip(3), t), Admit::Evicted(3));
+        assert_eq!(p.admit(ip(3), t), Admit::Yes);
+        p.insert(6, ip(3), t);
+        assert_eq!(p.admit(ip(3), t), Admit::Evicted(4));
     }
 
+    #[test]
+    fn per_address_lists_survive_removals_anywhere() {
+        let (mut p, t) = table(10, 3);
+        let ids: Vec<PendingId> = (0..5).map(|k| p.insert(k, ip(1), t)).collect();
+        // Remove the middle, the newest, then the oldest of ip(1).
+        p.remove(ids[2], 2);
+        p.remove(ids[4], 4);
+        p.remove(ids[0], 0);
+        // Left: 1 and 3, so one more fits under 3.
+        assert_eq!(p.admit(ip(1), t), Admit::Yes);
+        p.insert(5, ip(1), t);
+        assert_eq!(p.admit(ip(1), t), Admit::TooManyFromAddress);
+        p.remove(ids[1], 1);
+        p.remove(ids[3], 3);
+        assert_eq!(p.admit(ip(1), t), Admit::Yes);
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn young_connections_do_not_count_against_their_address() {
+        let grace = Duration::from_millis(500);
+        let mut p: Pending<u32> = Pending::new(100, 2, grace);
+        let t0 = Instant::now();
+        // A burst from one address: all young, all admitted.
+        for k in 0..20 {
+            assert_eq!(p.admit(ip(1), t0), Admit::Yes, "connection {k}");
+            p.insert(k, ip(1), t0);
+        }
+        // Once the grace has passed, they count: the address is at its limit.
+        assert_eq!(p.admit(ip(1), t0 + grace), Admit::TooManyFromAddress);
+        assert_eq!(p.admit(ip(2), t0 + grace), Admit::Yes);
+    }
     #[test]
     fn five_failures_in_ten_seconds_block_for_thirty() {
         let t0 = Instant::now();

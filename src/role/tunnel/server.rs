@@ -24,7 +24,7 @@ use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, LogLimit, Preview,
     Suppressed, TimerKey, View,
 };
-use crate::role::admission::{Admit, Pending, PendingId, Throttle};
+use crate::role::admission::{Admit, PER_IP_GRACE, Pending, PendingId, Throttle};
 use crate::role::{Reconfigure, Report, Role};
 
 /// Where a link is in its handshake.
@@ -130,7 +130,7 @@ impl TunnelServer {
             link_listener: None,
             links_by_conn: HashMap::new(),
             by_listener: HashMap::new(),
-            pending: Pending::new(config.max_pending, config.max_pending_per_ip),
+            pending: Pending::new(config.max_pending, config.max_pending_per_ip, PER_IP_GRACE),
             throttle: Throttle::new(),
             warnings: Warnings::default(),
             rng: Rng::from_os(),
@@ -505,7 +505,7 @@ impl TunnelServer {
             return false;
         }
         let limit = &mut self.warnings.admission;
-        match self.pending.admit(peer.ip()) {
+        match self.pending.admit(peer.ip(), now) {
             Admit::Yes => true,
             Admit::TooManyFromAddress => {
                 bump(&stats.pending_refused_total);
@@ -707,7 +707,7 @@ impl Role for TunnelServer {
             ctx.abort(conn);
             return;
         }
-        let pending = self.pending.insert(conn, peer.ip());
+        let pending = self.pending.insert(conn, peer.ip(), now);
         link_keepalive(ctx, conn, self.config.heartbeat_timeout);
         let li = self.mux.add_link(
             conn,
