@@ -1315,32 +1315,29 @@ fn ip_identity_by_source_address() {
 // ----- limits -----
 
 #[test]
-fn max_pending_refuses_extra_unidentified_connections() {
+fn max_pending_full_closes_the_oldest_unidentified_connection() {
     let rt = Rt::start("max_pending = 3", &(cp("c1", "c0001") + &cp("c2", "c0002")));
     let before = rt.engine.stats().accepted_total;
-    let mut pending: Vec<TcpStream> = (0..3).map(|_| rt.device(b"")).collect();
-    rt.wait_accepted(before, 3);
-
-    let mut extra = rt.device(b"");
-    expect_closed(&mut extra);
-    rt.wait("refused", |s| &s.refused, 1);
-    assert_eq!(
-        rt.get(|s| &s.online),
-        0,
-        "the refused device was identified"
-    );
-    for p in &mut pending {
-        expect_quiet(p);
+    let mut pending: Vec<TcpStream> = Vec::new();
+    for k in 0..3 {
+        pending.push(rt.device(b""));
+        rt.wait_accepted(before, k + 1);
     }
 
-    // One identifies: a pending slot frees for the next.
-    pending[0].write_all(b"c0001").unwrap();
+    // A fourth arrives: the oldest silent one makes room, so silent
+    // connections can never lock a real device out.
+    let mut real = rt.device(b"");
+    expect_closed(&mut pending[0]);
+    rt.wait("pending_evicted", |s| &s.pending_evicted, 1);
+    expect_quiet(&mut real);
+    real.write_all(b"c0001").unwrap();
     rt.wait("online", |s| &s.online, 1);
-    let mut next = rt.device(b"");
-    expect_quiet(&mut next);
-    next.write_all(b"c0002").unwrap();
+    for p in &mut pending[1..] {
+        expect_quiet(p);
+    }
+    pending[1].write_all(b"c0002").unwrap();
     rt.wait("online", |s| &s.online, 2);
-    assert_eq!(rt.get(|s| &s.refused), 1);
+    assert_eq!(rt.get(|s| &s.refused), 0);
     rt.engine.stop();
 }
 
@@ -1355,6 +1352,8 @@ fn max_pending_per_ip_refuses_only_that_address() {
     let mut a = connect_from(local, rt.devices());
     let mut b = connect_from(local, rt.devices());
     rt.wait_accepted(before, 2);
+    // Pending connections count against their address after a grace of 500 ms.
+    std::thread::sleep(Duration::from_millis(600));
     let mut c = connect_from(local, rt.devices());
     expect_closed(&mut c);
     rt.wait("refused", |s| &s.refused, 1);
@@ -1369,6 +1368,25 @@ fn max_pending_per_ip_refuses_only_that_address() {
     a.write_all(b"c0001").unwrap();
     rt.wait("online", |s| &s.online, 2);
     assert_eq!(rt.get(|s| &s.refused), 1);
+    rt.engine.stop();
+}
+
+#[test]
+fn a_burst_of_devices_behind_one_address_is_never_refused() {
+    // Modems behind one carrier-NAT address reconnect together after an
+    // outage, each sending its id at once: far more at a time than
+    // max_pending_per_ip.
+    const N: usize = 200;
+    let connpts: String = (0..N)
+        .map(|k| cp(&format!("c{k}"), &format!("dev{k:04}")))
+        .collect();
+    let rt = Rt::start("max_pending_per_ip = 4\nid_gap = \"0ms\"", &connpts);
+    let devices: Vec<TcpStream> = (0..N)
+        .map(|k| rt.device(format!("dev{k:04}").as_bytes()))
+        .collect();
+    rt.wait("online", |s| &s.online, N as u64);
+    assert_eq!(rt.get(|s| &s.refused), 0);
+    drop(devices);
     rt.engine.stop();
 }
 

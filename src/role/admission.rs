@@ -13,8 +13,10 @@
 //!   on accept for a while.
 //!
 //! Invariant: both tables are bounded (`Pending` by its capacity,
-//! `Throttle` by [`Throttle::MAX_ADDRESSES`]) and sized at creation; no
-//! operation scans more than its own table. Allocation: none after `new`.
+//! `Throttle` by [`Throttle::MAX_ADDRESSES`]); no operation scans more than
+//! its own table (`Pending` looks at most at `max_per_ip + 1` entries).
+//! Allocation: the tables grow as entries arrive, up to their bound, and keep
+//! their memory (an idle gateway with a large `max_pending` pays nothing).
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -80,10 +82,10 @@ impl<K: Copy + PartialEq> Pending<K> {
     /// address (counting those pending longer than `grace`).
     pub(crate) fn new(capacity: usize, max_per_ip: usize, grace: Duration) -> Pending<K> {
         Pending {
-            entries: Slab::with_capacity(capacity),
+            entries: Slab::new(),
             oldest: None,
             newest: None,
-            per_ip: HashMap::with_capacity(capacity),
+            per_ip: HashMap::new(),
             capacity,
             max_per_ip,
             grace,
@@ -232,7 +234,7 @@ impl Throttle {
 
     pub(crate) fn new() -> Throttle {
         Throttle {
-            table: HashMap::with_capacity(Self::MAX_ADDRESSES),
+            table: HashMap::new(),
         }
     }
 

@@ -26,6 +26,7 @@ use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, LogLimit,
     SendError, Suppressed, TimerKey, View,
 };
+use crate::role::admission::{Admit, PER_IP_GRACE, Pending as Admission, PendingId};
 use crate::role::{Reconfigure, Report, Role};
 
 /// Timer kinds, in the top bits of a timer token (connection indices stay
@@ -133,8 +134,11 @@ pub struct RouterStats {
     pub offline_discarded_bytes: AtomicU64,
     /// Device bytes discarded because nothing was attached to the connpt.
     pub unrouted_bytes: AtomicU64,
-    /// Connections refused (max_pending, max_pending_per_ip, max_apps, offline = close).
+    /// Connections refused (max_pending_per_ip, max_apps, offline = close).
     pub refused: AtomicU64,
+    /// Unidentified connections closed to make room for a new one
+    /// (`max_pending` reached: the oldest goes).
+    pub pending_evicted: AtomicU64,
     recent: Mutex<VecDeque<(ShownId, SocketAddr)>>,
 }
 
@@ -168,6 +172,8 @@ enum Link {
 #[derive(Debug)]
 struct Pending {
     peer: SocketAddr,
+    /// Its place in the admission table.
+    slot: PendingId,
     buf: Vec<u8>,
     id_deadline: Instant,
     /// Set while the bytes so far are an id and the start of a longer one.
@@ -218,8 +224,8 @@ pub struct Router {
     by_addr: HashMap<SocketAddr, u32>,
     app_listeners: HashMap<ListenerId, u32>,
     links: HashMap<ConnKey, Link>,
-    pending: usize,
-    pending_per_ip: HashMap<IpAddr, usize>,
+    /// Unidentified connections, oldest first (bounded; the oldest makes room).
+    pending: Admission<ConnKey>,
     /// Connpt slots freed by a reload, reused by the next one added.
     free_connpts: Vec<u32>,
     /// Warnings devices can repeat (refused, unknown id, duplicate): one
@@ -247,8 +253,7 @@ impl Router {
                 config.connpt.iter().filter(|c| c.listen.is_some()).count(),
             ),
             links: HashMap::with_capacity(n),
-            pending: 0,
-            pending_per_ip: HashMap::new(),
+            pending: Admission::new(config.max_pending, config.max_pending_per_ip, PER_IP_GRACE),
             free_connpts: Vec::new(),
             warn_refused: LogLimit::default(),
             warn_unknown: LogLimit::default(),
@@ -452,26 +457,43 @@ impl Router {
             }
             return;
         }
-        let per_ip = self.pending_per_ip.get(&peer.ip()).copied().unwrap_or(0);
-        if self.pending >= self.config.max_pending || per_ip >= self.config.max_pending_per_ip {
-            if let Some(n) = self.warn_refused.check(ctx.now()) {
-                warn!(
-                    "{}: refused device {peer}: too many unidentified connections ({} in all, {per_ip} from its address){}",
-                    self.config.name,
-                    self.pending,
-                    Suppressed(n)
-                );
+        let now = ctx.now();
+        match self.pending.admit(peer.ip(), now) {
+            Admit::Yes => {}
+            Admit::TooManyFromAddress => {
+                if let Some(n) = self.warn_refused.check(now) {
+                    warn!(
+                        "{}: refused device {peer}: {} unidentified connections from its address{}",
+                        self.config.name,
+                        self.config.max_pending_per_ip,
+                        Suppressed(n)
+                    );
+                }
+                bump(&self.stats.refused);
+                ctx.abort(key);
+                return;
             }
-            bump(&self.stats.refused);
-            ctx.abort(key);
-            return;
+            Admit::Evicted(old) => {
+                let old_peer = self.take_pending(ctx, old).map(|p| p.peer);
+                if let Some(n) = self.warn_refused.check(now) {
+                    warn!(
+                        "{}: {} unidentified connections; closed the oldest ({}) for device {peer}{}",
+                        self.config.name,
+                        self.config.max_pending,
+                        old_peer.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                        Suppressed(n)
+                    );
+                }
+                bump(&self.stats.pending_evicted);
+                ctx.abort(old);
+            }
         }
-        self.pending += 1;
-        *self.pending_per_ip.entry(peer.ip()).or_insert(0) += 1;
-        let id_deadline = ctx.now() + self.config.id_timeout;
+        let slot = self.pending.insert(key, peer.ip(), now);
+        let id_deadline = now + self.config.id_timeout;
         let timer = Some(ctx.set_timer(id_deadline, token(KIND_PENDING, key)));
         let pending = Pending {
             peer,
+            slot,
             buf: Vec::new(),
             id_deadline,
             gap_deadline: None,
@@ -492,13 +514,7 @@ impl Router {
         if let Some(t) = p.timer {
             ctx.cancel_timer(t);
         }
-        self.pending = self.pending.saturating_sub(1);
-        if let Some(n) = self.pending_per_ip.get_mut(&p.peer.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                self.pending_per_ip.remove(&p.peer.ip());
-            }
-        }
+        self.pending.remove(p.slot, key);
         Some(p)
     }
 
@@ -938,7 +954,7 @@ impl Role for Router {
             self.device_listener.and_then(|l| view.listener_addr(l)),
         );
         out.num("online", load(&st.online));
-        out.num("pending", self.pending as u64);
+        out.num("pending", self.pending.len() as u64);
         out.open_array(Some("connpts"));
         let (mut up, mut down) = (0, 0);
         for c in self.connpts.iter().filter(|c| !c.removed) {
@@ -975,7 +991,7 @@ impl Role for Router {
             "switchboard_router_pending_connections",
             "Connections not identified yet.",
             &[],
-            self.pending as u64,
+            self.pending.len() as u64,
         );
         out.gauge(
             "switchboard_router_connpts",
@@ -1012,6 +1028,12 @@ impl Role for Router {
             "Connections refused by a limit.",
             &[],
             load(&st.refused),
+        );
+        out.counter(
+            "switchboard_router_pending_evicted_total",
+            "Unidentified connections closed to make room (max_pending reached).",
+            &[],
+            load(&st.pending_evicted),
         );
         out.counter(
             "switchboard_router_device_bytes_total",
