@@ -306,6 +306,8 @@ pub const DEFAULT_QUEUE_RECORDS: usize = 10_000;
 pub const DEFAULT_MAX_SUBSCRIBERS: usize = 1_000;
 /// Default `broadcast.max_publishers`.
 pub const DEFAULT_MAX_PUBLISHERS: usize = 64;
+/// Default broadcast `idle_timeout`: a silent publisher is closed after this.
+pub const DEFAULT_PUBLISHER_IDLE: Duration = Duration::from_secs(300);
 /// Default `broadcast.stall_timeout`.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `broadcast.keepalive`: silence before the first TCP keepalive probe.
@@ -362,6 +364,10 @@ pub struct BroadcastConfig {
     /// Publisher connections at once; more are refused.
     #[serde(default = "default_max_publishers")]
     pub max_publishers: usize,
+    /// A TCP publisher that sends nothing for this long is closed (its slot
+    /// frees for the real publisher).
+    #[serde(default = "default_publisher_idle", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
     /// Line framing: a partial line silent this long is published as a record.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub flush_idle: Option<Duration>,
@@ -397,6 +403,9 @@ fn default_max_subscribers() -> usize {
 }
 fn default_max_publishers() -> usize {
     DEFAULT_MAX_PUBLISHERS
+}
+fn default_publisher_idle() -> Duration {
+    DEFAULT_PUBLISHER_IDLE
 }
 fn default_keepalive() -> Duration {
     DEFAULT_KEEPALIVE
@@ -1437,6 +1446,9 @@ impl Config {
             }
             if b.max_publishers == 0 {
                 return err(&key("max_publishers"), "must be at least 1".to_owned());
+            }
+            if b.idle_timeout.is_zero() {
+                return err(&key("idle_timeout"), "must be longer than 0".to_owned());
             }
             if b.flush_idle.is_some() && b.framing != RecordFraming::Line {
                 return err(

@@ -1231,3 +1231,35 @@ fn connect_and_close_probe_leaves_no_trace() {
     bc.wait("subscribers", |s| &s.subscribers, 0);
     bc.stop();
 }
+
+#[test]
+fn silent_publishers_are_closed_at_idle_timeout_and_free_their_slots() {
+    let bc = Bc::start("max_publishers = 2\nidle_timeout = \"300ms\"");
+    let mut sub = bc.subscribe(1, b'A').pop().unwrap();
+    let t0 = Instant::now();
+    let mut silent: Vec<TcpStream> = (0..2).map(|_| connect(bc.ingest())).collect();
+    wait_for(
+        "two publishers",
+        WAIT,
+        || bc.engine.stats().accepted_total >= 3,
+        || brief(&bc.engine.stats()),
+    );
+    // The slots are taken: a third is refused.
+    let mut third = connect(bc.ingest());
+    expect_closed(&mut third);
+    bc.wait("refused", |s| &s.refused, 1);
+    // The silent ones go at their idle timeout, not before.
+    for s in &mut silent {
+        expect_closed(s);
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    // The real publisher gets in and its record reaches the subscriber.
+    let mut publisher = connect(bc.ingest());
+    publisher.write_all(&records(b'A', 0..1)).unwrap();
+    sub.read_at_least(1).unwrap();
+    bc.stop();
+}

@@ -23,7 +23,7 @@ use crate::codec::{Decoded, Decoder, Frame, FrameError};
 use crate::config::{BroadcastConfig, Ingest, RecordFraming, SlowPolicy};
 use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, Handle, HandleError, Keepalive, ListenOptions,
-    ListenerId, Message, RoleId, SendError, TimerKey, View,
+    ListenerId, LogLimit, Message, RoleId, SendError, Suppressed, TimerKey, View,
 };
 use crate::role::{OnFrameError, Report, Role};
 
@@ -135,6 +135,8 @@ pub struct Broadcast {
     bounds: Vec<(u32, u32)>,
     /// Deliveries made by the publish in progress (added to the stats once).
     delivered: u64,
+    /// Refused publishers: one warning a second.
+    warn_refused: LogLimit,
 }
 
 // ===== impl Broadcast =====
@@ -153,6 +155,7 @@ impl Broadcast {
             batch: BytesMut::new(),
             bounds: Vec::new(),
             delivered: 0,
+            warn_refused: LogLimit::default(),
             config: config.clone(),
         }
     }
@@ -381,15 +384,22 @@ impl Broadcast {
 
     fn add_publisher(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
         if self.publishers.len() >= self.config.max_publishers {
-            warn!(
-                "{}: refused publisher {peer}: max_publishers ({}) reached",
-                self.config.name, self.config.max_publishers
-            );
+            if let Some(n) = self.warn_refused.check(ctx.now()) {
+                warn!(
+                    "{}: refused publisher {peer}: max_publishers ({}) reached{}",
+                    self.config.name,
+                    self.config.max_publishers,
+                    Suppressed(n)
+                );
+            }
             bump(&self.stats.refused);
             ctx.abort(key);
             return;
         }
         debug!("{}: publisher {peer} connected ({key})", self.config.name);
+        // A silent publisher must not hold its slot for ever (64 idle
+        // connections would lock the real publisher out).
+        ctx.set_idle_timeout(key, Some(self.config.idle_timeout));
         let flush_timer = self
             .config
             .flush_idle
