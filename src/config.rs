@@ -212,6 +212,9 @@ pub struct AdminConfig {
     /// Largest response in bytes (a bigger report is answered with 503).
     #[serde(default = "default_admin_response")]
     pub max_response: usize,
+    /// Client address ranges allowed (empty: any). Others are closed on accept.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
 }
 
 fn default_admin_timeout() -> Duration {
@@ -1545,6 +1548,31 @@ impl Config {
 
     /// A short human-readable account of what would run (for `switchboard check`).
     pub fn describe(&self) -> String {
+        let mut out = self.describe_roles();
+        for w in self.warnings() {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        out
+    }
+
+    /// What is allowed but probably a mistake: `check` prints these and
+    /// `run` logs them at warn.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.admin
+            && !a.listen.ip().is_loopback()
+            && a.allow.is_empty()
+        {
+            out.push(format!(
+                "admin.listen {} is not a loopback address and admin.allow is empty: \
+                 anyone who can reach it reads /status and /metrics (set admin.allow)",
+                a.listen
+            ));
+        }
+        out
+    }
+
+    fn describe_roles(&self) -> String {
         let e = &self.engine;
         let mut out = format!(
             "engine: max_connections={} buffer_bytes={} queue_bytes={} shutdown_timeout={:?}\n",
@@ -1859,6 +1887,22 @@ mod tests {
         assert!(e.to_string().contains("listen"), "{e}");
         let e = Config::parse("[engine]\nmax_conections = 5\n").unwrap_err();
         assert!(e.to_string().contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn admin_beyond_loopback_without_allow_is_warned_about() {
+        let open = Config::parse("[admin]\nlisten = \"0.0.0.0:7080\"\n").unwrap();
+        assert_eq!(open.warnings().len(), 1);
+        assert!(
+            open.describe()
+                .contains("warning: admin.listen 0.0.0.0:7080")
+        );
+        let allowed =
+            Config::parse("[admin]\nlisten = \"0.0.0.0:7080\"\nallow = [\"10.0.0.0/8\"]\n")
+                .unwrap();
+        assert!(allowed.warnings().is_empty());
+        let local = Config::parse("[admin]\nlisten = \"127.0.0.1:7080\"\n").unwrap();
+        assert!(local.warnings().is_empty());
     }
 
     #[test]

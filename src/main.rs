@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use log::{LevelFilter, error, info};
+use log::{LevelFilter, error, info, warn};
 use switchboard::config::TunnelAgentConfig;
 use switchboard::{Config, Engine, EngineError};
 
@@ -150,6 +150,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
 
 /// Start every role of `config` and run until stopped; SIGHUP reloads `path`.
 fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     let mut engine = match Engine::from_config(&config) {
         Ok(e) => e,
         Err(e) => {

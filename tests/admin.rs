@@ -1345,41 +1345,64 @@ fn a_stalled_request_is_closed_after_request_timeout() {
 }
 
 #[test]
-fn a_client_over_max_clients_is_closed_at_once() {
+fn healthz_is_answered_when_every_client_slot_is_taken() {
     let (engine, admin) = admin_only("max_clients = 2\nrequest_timeout = \"5s\"", "");
     let accepted = || engine.stats().accepted_total;
     let mut a = connect(admin);
+    wait_for(
+        "a accepted",
+        WAIT,
+        || accepted() == 1,
+        || brief(&engine.stats()),
+    );
     let mut b = connect(admin);
     wait_for(
-        "two clients accepted",
+        "b accepted",
         WAIT,
         || accepted() == 2,
         || brief(&engine.stats()),
     );
 
-    let mut c = connect(admin);
-    let took = closed_within(&mut c, Duration::from_secs(2));
-    assert!(
-        took < Duration::from_secs(1),
-        "third client closed after {took:?}"
+    // Both slots are held by silent clients: a new client is still served,
+    // and the oldest silent one (a) made room.
+    let t0 = Instant::now();
+    assert_eq!(get(admin, "/healthz").status, 200);
+    println!(
+        "/healthz answered in {:?} with every slot taken",
+        t0.elapsed()
     );
-    println!("third client closed after {took:?}");
-    expect_open(&mut a);
+    closed_within(&mut a, Duration::from_secs(2));
     expect_open(&mut b);
-
-    // The two idle clients are still served when they ask.
+    let status = get(admin, "/status").text();
+    assert!(status.contains("\"evicted_total\":"), "{status}");
     b.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut b).status, 200);
-    // A slot is free again: a new client is served.
-    wait_for(
-        "b to be gone",
-        WAIT,
-        || engine.stats().connections == 1,
-        || brief(&engine.stats()),
-    );
-    assert_eq!(get(admin, "/healthz").status, 200);
-    a.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut a).status, 200);
+    let metrics = get(admin, "/metrics").text();
+    let evicted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("switchboard_admin_evicted_total{role=\"admin\",name=\"admin\"} ")
+        })
+        .unwrap_or_else(|| panic!("no evicted counter in {metrics}"));
+    assert!(evicted.parse::<u64>().unwrap() >= 1, "{evicted}");
+    engine.stop();
+}
+
+#[test]
+fn allow_closes_other_addresses_and_bad_requests_are_counted() {
+    let (engine, admin) = admin_only("allow = [\"127.0.0.2/32\"]", "");
+    // 127.0.0.1 is not allowed: closed at once, nothing answered.
+    let mut s = connect(admin);
+    s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").ok();
+    closed_within(&mut s, Duration::from_secs(2));
+    drop(engine);
+
+    let (engine, admin) = admin_only("allow = [\"127.0.0.0/8\"]", "");
+    let mut bad = connect(admin);
+    bad.write_all(b"NOT HTTP\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut bad).status, 400);
+    let status = get(admin, "/status").text();
+    assert!(status.contains("\"bad_requests_total\":1"), "{status}");
     engine.stop();
 }
 

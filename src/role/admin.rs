@@ -3,12 +3,15 @@
 //!
 //! Invariant: a client costs at most `MAX_HEAD` bytes of request buffer and
 //! one response (at most `max_response` bytes); there are at most
-//! `max_clients` of them; each is closed `request_timeout` after it
-//! connected if it has not sent a whole request, and a response that its
+//! `max_clients` of them (a new client when all are taken closes the oldest
+//! one still sending its request, else the oldest still reading its answer,
+//! so `/healthz` is always answered); each is closed `request_timeout` after
+//! it connected if it has not sent a whole request, and a response that its
 //! reader does not take is dropped by the stall timeout. Nothing a client
 //! sends can make the loop wait.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use bytes::Bytes;
 use hashbrown::HashMap;
@@ -31,6 +34,20 @@ struct Client {
     timer: TimerKey,
     /// A request was read (the answer is on its way).
     answered: bool,
+    since: Instant,
+}
+
+/// What the endpoint counts (reported under the admin role).
+#[derive(Debug, Default)]
+struct Counters {
+    /// Requests answered 400, 405 or 431.
+    bad_requests: u64,
+    /// Clients closed for not sending a whole request in time.
+    timeouts: u64,
+    /// Clients closed on accept: not on `allow`.
+    refused: u64,
+    /// Clients closed to make room for a new one.
+    evicted: u64,
 }
 
 /// The `[admin]` role.
@@ -38,6 +55,7 @@ pub struct Admin {
     config: AdminConfig,
     listener: Option<ListenerId>,
     clients: HashMap<ConnKey, Client>,
+    counters: Counters,
 }
 
 impl Admin {
@@ -47,6 +65,27 @@ impl Admin {
             config: config.clone(),
             listener: None,
             clients: HashMap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// All `max_clients` are taken: close the oldest client still sending
+    /// its request (idle or slow), else the oldest still taking its answer.
+    fn make_room(&mut self, ctx: &mut Ctx<'_>) {
+        let oldest = |answered: bool| {
+            self.clients
+                .iter()
+                .filter(|(_, c)| c.answered == answered)
+                .min_by_key(|(_, c)| c.since)
+                .map(|(k, _)| *k)
+        };
+        if let Some(victim) = oldest(false).or_else(|| oldest(true)) {
+            debug!("{victim}: admin client closed to make room for a new one");
+            self.counters.evicted += 1;
+            if let Some(c) = self.clients.remove(&victim) {
+                ctx.cancel_timer(c.timer);
+            }
+            ctx.abort(victim);
         }
     }
 
@@ -84,6 +123,9 @@ impl Admin {
     }
 
     fn error(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, status: &str) {
+        if !status.starts_with('5') && !status.starts_with("404") {
+            self.counters.bad_requests += 1;
+        }
         let body = format!("{status}\n");
         self.respond(
             ctx,
@@ -162,6 +204,36 @@ impl Role for Admin {
     fn report(&self, view: &View<'_>, out: &mut Report) {
         out.addr("listen", self.listener.and_then(|l| view.listener_addr(l)));
         out.num("clients", self.clients.len() as u64);
+        let c = &self.counters;
+        for (field, name, help, v) in [
+            (
+                "bad_requests_total",
+                "switchboard_admin_bad_requests_total",
+                "Requests answered 400, 405 or 431.",
+                c.bad_requests,
+            ),
+            (
+                "timeouts_total",
+                "switchboard_admin_timeouts_total",
+                "Clients closed for not sending a whole request in time.",
+                c.timeouts,
+            ),
+            (
+                "refused_total",
+                "switchboard_admin_refused_total",
+                "Clients closed on accept: not on admin.allow.",
+                c.refused,
+            ),
+            (
+                "evicted_total",
+                "switchboard_admin_evicted_total",
+                "Clients closed to make room (max_clients reached).",
+                c.evicted,
+            ),
+        ] {
+            out.num(field, v);
+            out.counter(name, help, &[], v);
+        }
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
@@ -179,13 +251,15 @@ impl Role for Admin {
     }
 
     fn on_accept(&mut self, ctx: &mut Ctx<'_>, _l: ListenerId, conn: ConnKey, peer: SocketAddr) {
-        if self.clients.len() >= self.config.max_clients {
-            warn!(
-                "admin: {peer} refused: {} clients already connected",
-                self.clients.len()
-            );
+        let allow = &self.config.allow;
+        if !allow.is_empty() && !allow.iter().any(|c| c.contains(peer.ip())) {
+            debug!("{conn}: admin client {peer} not on admin.allow; closed");
+            self.counters.refused += 1;
             ctx.abort(conn);
             return;
+        }
+        if self.clients.len() >= self.config.max_clients {
+            self.make_room(ctx);
         }
         let at = ctx.now() + self.config.request_timeout;
         let timer = ctx.set_timer(at, conn.to_u64());
@@ -195,6 +269,7 @@ impl Role for Admin {
                 head: Vec::new(),
                 timer,
                 answered: false,
+                since: ctx.now(),
             },
         );
     }
@@ -235,6 +310,7 @@ impl Role for Admin {
                 "{conn}: admin request not complete in {:?}; closing",
                 self.config.request_timeout
             );
+            self.counters.timeouts += 1;
             ctx.abort(conn);
         }
     }
