@@ -626,6 +626,12 @@ fn default_reconnect_max() -> Duration {
 
 /// Default tunnel `window`: credit per stream and direction, in bytes.
 pub const DEFAULT_TUNNEL_WINDOW: u32 = 256 * 1024;
+/// Default tunnel `max_window`: the most a stream's receive window grows to
+/// on a CREDIT link (auto-tuning), in bytes.
+pub const DEFAULT_TUNNEL_MAX_WINDOW: u32 = 4 * 1024 * 1024;
+/// Default tunnel `link_window`: growth budget of one link, in bytes (the sum
+/// of its streams' windows above `window`).
+pub const DEFAULT_TUNNEL_LINK_WINDOW: u32 = 16 * 1024 * 1024;
 /// Default tunnel `max_data`: the largest DATA payload sent.
 pub const DEFAULT_TUNNEL_MAX_DATA: usize = 16 * 1024;
 /// The largest tunnel frame payload (the header's u16).
@@ -634,6 +640,9 @@ pub const MAX_TUNNEL_FRAME: usize = u16::MAX as usize;
 pub const MAX_TUNNEL_STREAMS: usize = 256;
 /// The shortest tunnel `token` accepted, in bytes.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// The largest `max_window` accepted: 1 GiB (a stream's socket queue holds up
+/// to its window; credit must stay far below the protocol's 2^32 - 1).
+pub const MAX_TUNNEL_WINDOW: u32 = 1 << 30;
 
 /// `[[tunnel_server]]`: agents dial in; clients of each service's public port
 /// are multiplexed over that service's link.
@@ -654,6 +663,14 @@ pub struct TunnelServerConfig {
     /// Credit per stream and direction, and the most bytes queued for one stream's socket.
     #[serde(default = "default_window")]
     pub window: u32,
+    /// CREDIT links: a stream's receive window grows from `window` up to this
+    /// while the window is what limits it.
+    #[serde(default = "default_max_window")]
+    pub max_window: u32,
+    /// CREDIT links: the most window growth (above `window`) all streams of
+    /// one link hold together.
+    #[serde(default = "default_link_window")]
+    pub link_window: u32,
     /// Largest DATA payload sent (1..=65535).
     #[serde(default = "default_max_data")]
     pub max_data: usize,
@@ -737,6 +754,12 @@ pub struct TunnelAgentConfig {
     #[serde(default = "default_window")]
     pub window: u32,
     /// As for the server.
+    #[serde(default = "default_max_window")]
+    pub max_window: u32,
+    /// As for the server.
+    #[serde(default = "default_link_window")]
+    pub link_window: u32,
+    /// As for the server.
     #[serde(default = "default_max_data")]
     pub max_data: usize,
     /// As for the server.
@@ -797,6 +820,12 @@ fn default_max_streams() -> usize {
 fn default_window() -> u32 {
     DEFAULT_TUNNEL_WINDOW
 }
+fn default_max_window() -> u32 {
+    DEFAULT_TUNNEL_MAX_WINDOW
+}
+fn default_link_window() -> u32 {
+    DEFAULT_TUNNEL_LINK_WINDOW
+}
 fn default_max_data() -> usize {
     DEFAULT_TUNNEL_MAX_DATA
 }
@@ -849,6 +878,8 @@ impl TunnelAgentConfig {
             extensions: true,
             max_streams: MAX_TUNNEL_STREAMS,
             window: DEFAULT_TUNNEL_WINDOW,
+            max_window: DEFAULT_TUNNEL_MAX_WINDOW,
+            link_window: DEFAULT_TUNNEL_LINK_WINDOW,
             max_data: DEFAULT_TUNNEL_MAX_DATA,
             max_frame: MAX_TUNNEL_FRAME,
             heartbeat_interval: default_heartbeat_interval(),
@@ -873,6 +904,7 @@ fn validate_tunnel_common(
     e: &EngineConfig,
     max_streams: usize,
     window: u32,
+    (max_window, link_window): (u32, u32),
     max_data: usize,
     max_frame: usize,
     heartbeat: (Duration, Duration),
@@ -917,6 +949,24 @@ fn validate_tunnel_common(
         return err(
             "window",
             format!("must be at least max_data ({max_data}), got {window}"),
+        );
+    }
+    if max_window < window {
+        return err(
+            "max_window",
+            format!("must be at least window ({window}), got {max_window} (raise it with window)"),
+        );
+    }
+    if max_window > MAX_TUNNEL_WINDOW {
+        return err(
+            "max_window",
+            format!("must be at most {MAX_TUNNEL_WINDOW} (1 GiB), got {max_window}"),
+        );
+    }
+    if link_window < window {
+        return err(
+            "link_window",
+            format!("must be at least window ({window}), got {link_window}"),
         );
     }
     let (interval, timeout) = heartbeat;
@@ -980,6 +1030,7 @@ fn validate_tunnel_server(
         e,
         t.max_streams,
         t.window,
+        (t.max_window, t.link_window),
         t.max_data,
         t.max_frame,
         (t.heartbeat_interval, t.heartbeat_timeout),
@@ -1049,6 +1100,7 @@ fn validate_tunnel_agent(
         e,
         a.max_streams,
         a.window,
+        (a.max_window, a.link_window),
         a.max_data,
         a.max_frame,
         (a.heartbeat_interval, a.heartbeat_timeout),
@@ -1935,12 +1987,19 @@ mod tests {
         let ok = "[[tunnel_server]]\nlisten = \"127.0.0.1:9000\"\n[[tunnel_server.service]]\nname = \"d\"\npublic = \"127.0.0.1:2323\"\n[[tunnel_agent]]\nserver = \"gw.example:9000\"\nlocal = \"127.0.0.1:23\"\n";
         let c = Config::parse(ok).unwrap();
         assert_eq!(c.tunnel_server[0].window, DEFAULT_TUNNEL_WINDOW);
+        assert_eq!(c.tunnel_server[0].max_window, DEFAULT_TUNNEL_MAX_WINDOW);
+        assert_eq!(c.tunnel_server[0].link_window, DEFAULT_TUNNEL_LINK_WINDOW);
+        assert_eq!(c.tunnel_agent[0].max_window, DEFAULT_TUNNEL_MAX_WINDOW);
+        assert_eq!(c.tunnel_agent[0].link_window, DEFAULT_TUNNEL_LINK_WINDOW);
         assert_eq!(c.tunnel_server[0].max_streams, 256);
         assert!(c.tunnel_agent[0].extensions);
         let cases = [
             ("max_streams = 257", "tunnel_server[0].max_streams"),
             ("max_data = 0", "tunnel_server[0].max_data"),
             ("window = 100", "tunnel_server[0].window"),
+            ("max_window = 131072", "tunnel_server[0].max_window"),
+            ("max_window = 2147483648", "tunnel_server[0].max_window"),
+            ("link_window = 131072", "tunnel_server[0].link_window"),
             (
                 "heartbeat_timeout = \"5s\"",
                 "tunnel_server[0].heartbeat_timeout",

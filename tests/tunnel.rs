@@ -1157,6 +1157,217 @@ fn credit_above_u32_closes_the_link() {
     assert_eq!(load(&server.stats.streams), 0);
 }
 
+/// What an agent written here saw of the server's credit (see [`credit_flood`]).
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// Per stream: the most credit the agent held at once.
+    held: Vec<u64>,
+    /// The most credit the agent held on all streams together.
+    held_sum: u64,
+    /// The most `window_grown_bytes` the server reported meanwhile.
+    grown_max: u64,
+}
+
+/// The link of [`credit_flood`] after the flood, still open.
+struct Flood {
+    link: TcpStream,
+    /// The public clients, each read to the end.
+    clients: Vec<TcpStream>,
+    /// Updated on every WINDOW until the link closes.
+    seen: Arc<std::sync::Mutex<Seen>>,
+    watcher: JoinHandle<()>,
+}
+
+impl Flood {
+    fn seen(&self) -> Seen {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Close the link (both directions) and wait for the watcher to see it.
+    fn close_link(self) -> Seen {
+        self.link.shutdown(Shutdown::Both).ok();
+        self.watcher.join().unwrap();
+        let seen = self.seen.lock().unwrap().clone();
+        drop(self.clients);
+        seen
+    }
+}
+
+/// An extended agent written here (CREDIT, CLOSE_ACK) links to service
+/// `open` of `server`; `streams` public clients connect, and on each stream
+/// the agent sends `bytes` of a pattern as fast as the server's credit lets
+/// it, while each client reads and checks its bytes. Credit held is granted
+/// minus sent, with "sent" counted before each write: never more than what
+/// the server's window allowed when it granted.
+fn credit_flood(server: &Server, streams: usize, bytes: u64) -> Flood {
+    const FRAME: u64 = 16 * 1024;
+    let mut link = connect(server.link);
+    let asked = ext::CREDIT | ext::CLOSE_ACK;
+    let hello = hand_listen(&mut link, asked, [9; NONCE_LEN], b"open");
+    assert_eq!(hello.flags, asked);
+    assert_eq!(expect_frame(&mut link, Command::Ready, 0), b"");
+    let public = wait_public(&server.stats, "open");
+    let mut ids = Vec::new();
+    let mut readers = Vec::new();
+    for seed in 0..streams as u64 {
+        let mut c = connect(public);
+        let (id, _) = expect_connect(&mut link);
+        ids.push(id);
+        readers.push(thread::spawn(move || {
+            let p = Pattern::new(seed);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut off = 0u64;
+            while off < bytes {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "client {seed}: EOF after {off} bytes");
+                p.check(off, &buf[..n])
+                    .unwrap_or_else(|at| panic!("client {seed}: wrong byte at {at}"));
+                off += n as u64;
+            }
+            c
+        }));
+    }
+    let granted: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..streams)
+            .map(|_| AtomicU64::new(u64::from(hello.window)))
+            .collect(),
+    );
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..streams).map(|_| AtomicU64::new(0)).collect());
+    let seen = Arc::new(std::sync::Mutex::new(Seen {
+        held: vec![0; streams],
+        ..Seen::default()
+    }));
+    let watcher = {
+        let (granted, sent, ids) = (Arc::clone(&granted), Arc::clone(&sent), ids.clone());
+        let (stats, seen) = (Arc::clone(&server.stats), Arc::clone(&seen));
+        let mut r = link.try_clone().unwrap();
+        r.set_read_timeout(None).unwrap();
+        thread::spawn(move || {
+            // Until the link closes.
+            while let Some((command, id, p)) = recv_frame(&mut r) {
+                let mut seen = seen.lock().unwrap();
+                seen.grown_max = seen.grown_max.max(load(&stats.window_grown_bytes));
+                if command != Command::Window {
+                    continue;
+                }
+                let i = ids
+                    .iter()
+                    .position(|&x| x == id)
+                    .expect("WINDOW for an unknown id");
+                let inc = u32::from_be_bytes(p.try_into().expect("a 4-byte WINDOW"));
+                granted[i].fetch_add(u64::from(inc), Ordering::SeqCst);
+                let mut sum = 0;
+                for (j, h) in seen.held.iter_mut().enumerate() {
+                    let now = load(&granted[j]).saturating_sub(load(&sent[j]));
+                    *h = (*h).max(now);
+                    sum += now;
+                }
+                seen.held_sum = seen.held_sum.max(sum);
+            }
+        })
+    };
+    let deadline = Instant::now() + 3 * WAIT;
+    let mut done = vec![0u64; streams];
+    while done.iter().any(|&d| d < bytes) {
+        assert!(
+            Instant::now() < deadline,
+            "flood stuck at {done:?} of {bytes} bytes"
+        );
+        let mut moved = false;
+        for (i, &id) in ids.iter().enumerate() {
+            let credit = load(&granted[i]).saturating_sub(done[i]);
+            let n = credit.min(FRAME).min(bytes - done[i]);
+            if n == 0 {
+                continue;
+            }
+            let chunk = Pattern::new(i as u64).chunk(done[i], n as usize);
+            sent[i].fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            send_frame(&mut link, Command::Data, id, chunk);
+            done[i] += chunk.len() as u64;
+            moved = true;
+        }
+        if !moved {
+            thread::yield_now();
+        }
+    }
+    let clients = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    Flood {
+        link,
+        clients,
+        seen,
+        watcher,
+    }
+}
+
+#[test]
+fn credit_window_grows_on_a_fast_stream_up_to_max_window() {
+    const WINDOW: u64 = 64 * 1024;
+    const MAX_WINDOW: u64 = 1024 * 1024;
+    let server = start_simple_server(
+        "open",
+        None,
+        &format!("window = {WINDOW}\nmax_window = {MAX_WINDOW}\n"),
+    );
+    let mut flood = credit_flood(&server, 1, 32 * 1024 * 1024);
+    let seen = flood.seen();
+    let held = seen.held[0];
+    // Credit held is at most the window the server granted it from.
+    assert!(
+        held <= MAX_WINDOW,
+        "the agent held {held} bytes of credit, above max_window {MAX_WINDOW}"
+    );
+    // It grew well past `window` (at least three doublings).
+    assert!(
+        held > MAX_WINDOW / 2,
+        "the window did not grow: at most {held} bytes of credit held (window {WINDOW})"
+    );
+    assert_eq!(
+        load(&server.stats.window_grown_bytes),
+        MAX_WINDOW - WINDOW,
+        "growth held at the end"
+    );
+    assert!(seen.grown_max <= MAX_WINDOW - WINDOW, "{seen:?}");
+    assert!(load(&server.stats.window_grown_total) >= 4);
+    // Closing the stream gives its growth back.
+    for c in flood.clients.drain(..) {
+        c.shutdown(Shutdown::Both).ok();
+    }
+    wait_count("the growth to go back", &server.stats.window_grown_bytes, 0);
+    wait_count("the stream to close", &server.stats.streams, 0);
+    let seen = flood.close_link();
+    assert!(seen.held[0] <= MAX_WINDOW, "{seen:?}");
+    assert_eq!(load(&server.stats.credit_violations_total), 0);
+}
+
+#[test]
+fn credit_window_growth_of_a_link_stays_within_link_window() {
+    const STREAMS: u64 = 4;
+    const WINDOW: u64 = 64 * 1024;
+    const LINK_WINDOW: u64 = 256 * 1024;
+    let server = start_simple_server(
+        "open",
+        None,
+        &format!("window = {WINDOW}\nmax_window = 1048576\nlink_window = {LINK_WINDOW}\n"),
+    );
+    let flood = credit_flood(&server, STREAMS as usize, 8 * 1024 * 1024);
+    // Each stream alone could grow to 1 MiB: the budget is what stops them.
+    assert_eq!(load(&server.stats.window_grown_bytes), LINK_WINDOW);
+    // The link going away gives its growth back.
+    let seen = flood.close_link();
+    wait_count("the growth to go back", &server.stats.window_grown_bytes, 0);
+    wait_count("the streams to close", &server.stats.streams, 0);
+    let bound = STREAMS * WINDOW + LINK_WINDOW;
+    assert!(
+        seen.held_sum <= bound,
+        "{STREAMS} streams held {} bytes of credit together, above {STREAMS} x window + \
+         link_window = {bound}: {seen:?}",
+        seen.held_sum,
+    );
+    assert!(seen.held_sum > STREAMS * WINDOW, "no growth seen: {seen:?}");
+    assert!(seen.grown_max <= LINK_WINDOW, "{seen:?}");
+    assert_eq!(load(&server.stats.credit_violations_total), 0);
+}
+
 #[test]
 fn base_mode_end_to_end() {
     let service = LocalService::echo();

@@ -4,10 +4,11 @@
 //! Invariant: a stream exists on a link as one `Slot` per client id and one
 //! entry in `Mux::streams` (socket → link, id); both are removed together, so
 //! a socket event for a stream that is gone finds nothing and does nothing.
-//! Every byte queued for a stream socket is bounded by `window` (credit, or
-//! the base-mode rule that pauses the link), every byte queued for the link
-//! by `LINK_HIGH` plus one frame per stream (streams pause above it), and the
-//! tables by the 256 ids of a link.
+//! Every byte queued for a stream socket is bounded by the stream's window
+//! (credit, or the base-mode rule that pauses the link): `window`, grown on a
+//! CREDIT link up to `max_window` from the link's `link_window` budget (see
+//! `Mux::grant`); every byte queued for the link by `LINK_HIGH` plus one frame
+//! per stream (streams pause above it), and the tables by the 256 ids of a link.
 
 mod agent;
 mod auth;
@@ -83,6 +84,11 @@ pub struct TunnelStats {
     pub bytes_from_link_total: AtomicU64,
     /// Stream payload bytes read from sockets and sent on the link.
     pub bytes_to_link_total: AtomicU64,
+    /// CREDIT links: receive-window bytes granted above `window` now, summed
+    /// over open streams (auto-tuning; at most `link_window` per link).
+    pub window_grown_bytes: AtomicU64,
+    /// CREDIT links: times a stream's receive window grew.
+    pub window_grown_total: AtomicU64,
     /// Server: services and their public addresses; agent: state and last error.
     pub(crate) status: Mutex<Status>,
 }
@@ -128,6 +134,14 @@ impl TunnelStats {
         out.num("malformed_frames_total", load(&self.malformed_total));
         out.num("bytes_from_link_total", load(&self.bytes_from_link_total));
         out.num("bytes_to_link_total", load(&self.bytes_to_link_total));
+        out.num("window_grown_bytes", load(&self.window_grown_bytes));
+        out.num("window_grown_total", load(&self.window_grown_total));
+        out.gauge(
+            "switchboard_tunnel_window_grown_bytes",
+            "Receive-window bytes granted above `window` now (auto-tuning).",
+            &[],
+            load(&self.window_grown_bytes),
+        );
         let counters = [
             (
                 "switchboard_tunnel_streams_opened_total",
@@ -199,6 +213,11 @@ impl TunnelStats {
                 "Stream bytes sent on the link.",
                 &self.bytes_to_link_total,
             ),
+            (
+                "switchboard_tunnel_window_grown_total",
+                "Times a stream's receive window grew (auto-tuning).",
+                &self.window_grown_total,
+            ),
         ];
         for (name, help, c) in counters {
             out.counter(name, help, &[], load(c));
@@ -223,11 +242,19 @@ fn drop_one(c: &AtomicU64) {
     c.fetch_sub(1, Ordering::Relaxed);
 }
 
+fn sub(c: &AtomicU64, n: u64) {
+    c.fetch_sub(n, Ordering::Relaxed);
+}
+
 /// Per-role stream settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
     /// Our receive window per stream (credit we grant; base-mode queue bound).
     pub(crate) window: u32,
+    /// CREDIT links: the most a stream's receive window grows to.
+    pub(crate) max_window: u32,
+    /// CREDIT links: the most growth above `window` a link's streams hold together.
+    pub(crate) link_window: u32,
     /// Largest DATA payload we send.
     pub(crate) max_data: usize,
     /// Streams at once per link.
@@ -247,10 +274,11 @@ impl Settings {
         LINK_HIGH + self.max_streams * (self.max_data + HEADER_LEN + 64) + 4096
     }
 
-    /// The send-queue bound of a stream socket: a window, plus one frame the
-    /// base-mode rule lets through before it pauses the link.
+    /// The send-queue bound of a stream socket: the largest window (a grown
+    /// one on a CREDIT link), plus one frame the base-mode rule lets through
+    /// before it pauses the link. Base mode still pauses at `window`.
     pub(crate) fn stream_queue(&self) -> usize {
-        self.window as usize + MAX_PAYLOAD + HEADER_LEN
+        self.window.max(self.max_window) as usize + MAX_PAYLOAD + HEADER_LEN
     }
 }
 
@@ -274,6 +302,8 @@ pub(crate) struct Stream {
     /// Credit granted to the peer so far, and payload received.
     granted: u64,
     received: u64,
+    /// Our receive window: `window`, grown on a CREDIT link (`Mux::grant`).
+    window: u32,
     /// Current framing chunk of the socket (≤ max_data, ≤ credit).
     chunk: usize,
     paused_credit: bool,
@@ -296,6 +326,9 @@ pub(crate) struct Link<X> {
     /// 256 slots once up; empty before.
     slots: Vec<Slot>,
     open: usize,
+    /// Window growth its streams hold (the sum of their windows above
+    /// `window`; at most `link_window`).
+    grown: u64,
     waiting: VecDeque<u8>,
     blocking: usize,
     next_id: u8,
@@ -390,6 +423,7 @@ impl<X> Mux<X> {
             peer_window: 0,
             slots: Vec::new(),
             open: 0,
+            grown: 0,
             waiting: VecDeque::new(),
             blocking: 0,
             next_id: 0,
@@ -431,6 +465,7 @@ impl<X> Mux<X> {
         if link.up {
             drop_one(&self.stats.links);
         }
+        sub(&self.stats.window_grown_bytes, link.grown);
         if link.open > 0 {
             debug!("{}: link down, closed {} streams", link.conn, link.open);
         }
@@ -505,6 +540,7 @@ impl<X> Mux<X> {
             credit,
             granted: u64::from(settings.window),
             received: 0,
+            window: settings.window,
             chunk,
             paused_credit: credit == 0,
             paused_link: false,
@@ -665,7 +701,6 @@ impl<X> Mux<X> {
     }
 
     fn link_data(&mut self, ctx: &mut Ctx<'_>, li: usize, id: u8, payload: &[u8]) {
-        let window = self.settings.window;
         let stall = self.settings.stall_timeout;
         let Some(link) = self.links.get_mut(li) else {
             return;
@@ -700,7 +735,7 @@ impl<X> Mux<X> {
                 s.received += len;
                 add(&self.stats.bytes_from_link_total, payload.len());
                 let queued = ctx.queued(conn).unwrap_or(0);
-                if queued > window as usize && !s.blocking {
+                if queued > s.window as usize && !s.blocking {
                     // Base rule (docs/PROTOCOL.md §2): pause the link until this socket drains.
                     debug!("{conn}: {queued} bytes queued for stream {id}; pausing the link");
                     s.blocking = true;
@@ -729,8 +764,18 @@ impl<X> Mux<X> {
 
     /// Send WINDOW for what the stream's socket has written, once at least
     /// half a window is owed.
+    ///
+    /// Auto-tuning (docs/PROTOCOL.md §4.4): when DATA leaves the peer with
+    /// less than an eighth of the window as credit, the window is what holds
+    /// the stream back, unless our own socket is. The socket's queue is
+    /// written at once to find out: if it takes everything (we are not the
+    /// bottleneck), the window doubles, up to `max_window` and as far as the
+    /// link's `link_window` budget allows; otherwise it stays. Only a call
+    /// that finds bytes queued can grow the window (one from `link_data`): a
+    /// queue that drained later (`on_stream_writable`) says nothing about the
+    /// window.
     fn grant(&mut self, ctx: &mut Ctx<'_>, li: usize, id: u8) {
-        let window = u64::from(self.settings.window);
+        let settings = self.settings;
         let Some(link) = self.links.get_mut(li) else {
             return;
         };
@@ -738,8 +783,28 @@ impl<X> Mux<X> {
             return;
         }
         let link_conn = link.conn;
-        let Some(s) = link.stream_mut(id) else { return };
-        let queued = ctx.queued(s.conn).unwrap_or(0) as u64;
+        let Some(s) = open_mut(&mut link.slots, id) else {
+            return;
+        };
+        let mut window = u64::from(s.window);
+        let mut queued = ctx.queued(s.conn).unwrap_or(0) as u64;
+        let starved = s.granted.saturating_sub(s.received) < window / 8;
+        // Doubling, capped by `max_window` and by what the link has left.
+        let step = window
+            .min(u64::from(settings.max_window).saturating_sub(window))
+            .min(u64::from(settings.link_window).saturating_sub(link.grown));
+        if starved && queued > 0 && step > 0 {
+            ctx.flush(s.conn);
+            queued = ctx.queued(s.conn).unwrap_or(0) as u64;
+            if queued == 0 {
+                window += step;
+                s.window = window as u32;
+                link.grown += step;
+                add(&self.stats.window_grown_bytes, step as usize);
+                bump(&self.stats.window_grown_total);
+                trace!("{}: stream {id} window {window}", s.conn);
+            }
+        }
         let written = s.received.saturating_sub(queued);
         let target = written + window;
         let owed = target.saturating_sub(s.granted);
@@ -823,6 +888,7 @@ impl<X> Mux<X> {
                 ctx.close(s.conn);
                 drop_one(&self.stats.streams);
                 link.open -= 1;
+                release_window(link, &s, self.settings.window, &self.stats);
                 if s.blocking {
                     unblock(ctx, link, s.conn);
                 }
@@ -852,6 +918,7 @@ impl<X> Mux<X> {
             ctx.close(s.conn);
             drop_one(&self.stats.streams);
             link.open -= 1;
+            release_window(link, &s, self.settings.window, &self.stats);
             if s.blocking {
                 unblock(ctx, link, s.conn);
             }
@@ -881,6 +948,13 @@ fn unblock<X>(ctx: &mut Ctx<'_>, link: &mut Link<X>, conn: ConnKey) {
     if link.blocking == 0 {
         ctx.resume_reading(link.conn);
     }
+}
+
+/// A closed stream's window growth goes back to its link's budget.
+fn release_window<X>(link: &mut Link<X>, s: &Stream, window: u32, stats: &TunnelStats) {
+    let grown = u64::from(s.window.saturating_sub(window));
+    link.grown = link.grown.saturating_sub(grown);
+    sub(&stats.window_grown_bytes, grown);
 }
 
 fn update_reading(ctx: &mut Ctx<'_>, s: &Stream) {

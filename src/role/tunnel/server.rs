@@ -119,6 +119,8 @@ impl TunnelServer {
             mux: Mux::new(
                 Settings {
                     window: config.window,
+                    max_window: config.max_window,
+                    link_window: config.link_window,
                     max_data: config.max_data,
                     max_streams: config.max_streams,
                     stall_timeout: config.stall_timeout,
