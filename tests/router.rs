@@ -1353,7 +1353,7 @@ fn max_pending_per_ip_refuses_only_that_address() {
     let mut b = connect_from(local, rt.devices());
     rt.wait_accepted(before, 2);
     // Pending connections count against their address after a grace of 500 ms.
-    std::thread::sleep(Duration::from_millis(600));
+    thread::sleep(Duration::from_millis(600));
     let mut c = connect_from(local, rt.devices());
     expect_closed(&mut c);
     rt.wait("refused", |s| &s.refused, 1);
