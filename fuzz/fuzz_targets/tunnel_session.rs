@@ -1076,8 +1076,23 @@ struct ServerSide<'h> {
     clients: Vec<TcpStream>,
 }
 
+/// Connect to the server's link port from the next of 65,536 loopback
+/// source addresses (127.1.0.0/16): the server throttles an address whose
+/// handshakes keep failing (as fuzzed ones do), and each session must reach
+/// the handshake code.
+fn connect_link(link: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let [_, _, hi, lo] = n.to_be_bytes();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from(([127, 1, hi, lo], 0)).into())?;
+    s.connect_timeout(&link.into(), Duration::from_secs(2))?;
+    Ok(s.into())
+}
+
 fn server_session(h: &Harness, preamble: u8, stream: &[u8]) {
-    let sock = match TcpStream::connect_timeout(&h.link, Duration::from_secs(2)) {
+    let sock = match connect_link(h.link) {
         Ok(s) => s,
         Err(e) => {
             check_engine_alive(h);
