@@ -341,12 +341,25 @@ impl TunnelServer {
         };
         let Some(id) = self.mux.alloc_id(li, now) else {
             bump(&self.mux.stats.refused_total);
-            warn!(
-                "{}: service '{}': client {peer} refused, all {} streams in use",
-                self.config.name,
-                self.services[si].name,
-                self.mux.link_streams(li)
-            );
+            let (open, quarantined, closing) = self.mux.ids_taken(li, now);
+            let max = self.mux.settings.max_streams;
+            let (name, service) = (&self.config.name, &self.services[si].name);
+            let streams = self.mux.link_streams(li);
+            if streams >= max {
+                warn!(
+                    "{name}: service '{service}': client {peer} refused, all {streams} streams \
+                     in use (max_streams {max})"
+                );
+            } else {
+                if quarantined > 0 {
+                    bump(&self.mux.stats.quarantine_refused_total);
+                }
+                warn!(
+                    "{name}: service '{service}': client {peer} refused, no free id; 256 ids: \
+                     {open} in use, {quarantined} in quarantine, {closing} waiting for the \
+                     agent's CLOSE"
+                );
+            }
             ctx.close(conn);
             return;
         };
