@@ -986,6 +986,58 @@ fn server_max_streams_refuses_the_extra_client() {
     assert_eq!(load(&server.stats.refused_total), 1);
 }
 
+/// Base mode: ids the server closed stay out of rotation for `id_quarantine`.
+/// A base agent written here sees 256 clients come and go; then every id is
+/// quarantined, none in use, and the next client is refused for that reason
+/// (counted apart, and the log says so). Once the quarantine ends, ids are
+/// given again.
+#[test]
+fn base_server_counts_clients_refused_by_the_id_quarantine() {
+    // Long enough that the churn below cannot outlast it.
+    const QUARANTINE: Duration = Duration::from_secs(5);
+    let server = start_simple_server("open", None, "id_quarantine = \"5s\"");
+    let mut link = connect(server.link);
+    send_frame(&mut link, Command::Listen, 0, &[]);
+    let public = wait_public(&server.stats, "open");
+
+    // The server quarantines an id when it sends CLOSE, before we read it.
+    let mut first_close = None;
+    let mut seen = [false; 256];
+    for k in 0..256u32 {
+        let client = connect(public);
+        let (id, _) = expect_connect(&mut link);
+        assert!(!seen[usize::from(id)], "id {id} given twice (client {k})");
+        seen[usize::from(id)] = true;
+        drop(client);
+        expect_frame(&mut link, Command::Close, id);
+        first_close.get_or_insert_with(Instant::now);
+    }
+    let first_close = first_close.unwrap();
+    wait_count("no streams", &server.stats.streams, 0);
+    assert_eq!(load(&server.stats.refused_total), 0);
+
+    // All 256 ids are quarantined: the next client is refused.
+    let mut refused = connect(public);
+    expect_closed(&mut refused);
+    let churned = first_close.elapsed();
+    assert!(
+        churned < QUARANTINE,
+        "the churn took {churned:?}, longer than the quarantine"
+    );
+    assert_eq!(load(&server.stats.refused_total), 1);
+    assert_eq!(load(&server.stats.quarantine_refused_total), 1);
+    expect_quiet(&mut link, QUIET);
+
+    // Once the first id's quarantine is over, a client gets an id again.
+    thread::sleep((first_close + QUARANTINE).saturating_duration_since(Instant::now()));
+    let mut client = connect(public);
+    let (id, _) = expect_connect(&mut link);
+    client.write_all(b"again").unwrap();
+    expect_data(&mut link, id, b"again");
+    assert_eq!(load(&server.stats.refused_total), 1);
+    assert_eq!(load(&server.stats.quarantine_refused_total), 1);
+}
+
 // ===== 9. takeover =====
 
 #[test]

@@ -51,6 +51,9 @@ pub struct TunnelStats {
     /// Server: clients refused because every id (or `max_streams`) was in use.
     /// Agent: CONNECTs refused (target not allowed, or no local connection).
     pub refused_total: AtomicU64,
+    /// Server, base mode: of `refused_total`, clients refused while some ids
+    /// were only held by the id quarantine (`id_quarantine`).
+    pub quarantine_refused_total: AtomicU64,
     /// Frames with an unknown command (ignored).
     pub unknown_total: AtomicU64,
     /// Frames of a known command that were malformed or out of place (ignored).
@@ -128,6 +131,10 @@ impl TunnelStats {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         out.num("streams_total", load(&self.streams_total));
         out.num("refused_total", load(&self.refused_total));
+        out.num(
+            "quarantine_refused_total",
+            load(&self.quarantine_refused_total),
+        );
         out.num("rejected_total", load(&self.rejected_total));
         out.num("auth_failed_total", load(&self.auth_failed_total));
         out.num("unknown_frames_total", load(&self.unknown_total));
@@ -152,6 +159,11 @@ impl TunnelStats {
                 "switchboard_tunnel_refused_streams_total",
                 "Streams refused (ids exhausted, target not allowed).",
                 &self.refused_total,
+            ),
+            (
+                "switchboard_tunnel_quarantine_refused_streams_total",
+                "Clients refused while ids were held by the base-mode id quarantine.",
+                &self.quarantine_refused_total,
             ),
             (
                 "switchboard_tunnel_links_total",
@@ -499,6 +511,22 @@ impl<X> Mux<X> {
             }
         }
         None
+    }
+
+    /// Why [`Mux::alloc_id`] found no id: the link's ids (of [`IDS`]) that
+    /// are open, quarantined (server, base) and waiting for the peer's CLOSE
+    /// (CLOSE_ACK) at `now`.
+    pub(crate) fn ids_taken(&self, li: usize, now: Instant) -> (usize, usize, usize) {
+        let (mut open, mut quarantined, mut closing) = (0, 0, 0);
+        for slot in self.links.get(li).map_or(&[][..], |l| &l.slots[..]) {
+            match slot {
+                Slot::Open(_) => open += 1,
+                Slot::Closing { until: Some(t) } if *t > now => quarantined += 1,
+                Slot::Closing { until: None } => closing += 1,
+                _ => {}
+            }
+        }
+        (open, quarantined, closing)
     }
 
     /// Whether `id` can take a new stream now (agent: a CONNECT's id).

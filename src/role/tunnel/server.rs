@@ -397,14 +397,28 @@ impl TunnelServer {
         };
         let Some(id) = self.mux.alloc_id(li, now) else {
             bump(&self.mux.stats.refused_total);
+            let (open, quarantined, closing) = self.mux.ids_taken(li, now);
+            let max = self.mux.settings.max_streams;
+            let streams = self.mux.link_streams(li);
+            if streams < max && quarantined > 0 {
+                bump(&self.mux.stats.quarantine_refused_total);
+            }
             if let Some(n) = self.warnings.refused.check(now) {
-                warn!(
-                    "{}: service '{}': client {peer} refused, all {} streams in use{}",
-                    self.config.name,
-                    self.services[si].name,
-                    self.mux.link_streams(li),
-                    Suppressed(n)
-                );
+                let (name, service) = (&self.config.name, &self.services[si].name);
+                if streams >= max {
+                    warn!(
+                        "{name}: service '{service}': client {peer} refused, all {streams} \
+                         streams in use (max_streams {max}){}",
+                        Suppressed(n)
+                    );
+                } else {
+                    warn!(
+                        "{name}: service '{service}': client {peer} refused, no free id; 256 ids: \
+                         {open} in use, {quarantined} in quarantine, {closing} waiting for the \
+                         agent's CLOSE{}",
+                        Suppressed(n)
+                    );
+                }
             }
             ctx.close(conn);
             return;
