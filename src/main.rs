@@ -200,8 +200,9 @@ fn init_logging(level: LevelFilter) {
     let config = config.build();
     // Only fails if a logger is already set, which cannot happen here.
     match switchboard::engine::LogSink::new(std::io::stderr()) {
-        Ok(sink) => simplelog::WriteLogger::init(level, config, sink).ok(),
-        // No thread for the writer: write directly (may block on a stalled stderr).
-        Err(_) => simplelog::WriteLogger::init(level, config, std::io::stderr()).ok(),
-    };
+        Ok(sink) => {
+            simplelog::WriteLogger::init(level, config, sink).ok();
+        }
+        Err(e) => eprintln!("error: cannot start the log writer thread ({e}): logging is off"),
+    }
 }

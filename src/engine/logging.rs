@@ -12,10 +12,11 @@
 //! [`LogLimit::INTERVAL`]). Allocation: one buffer per line logged (logging is
 //! never on the per-message path); `Preview` and `LogLimit` allocate nothing.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Lines that may wait for the writer thread; more are dropped and counted.
@@ -51,7 +52,15 @@ pub fn flush_logs(timeout: Duration) {
 #[derive(Debug)]
 pub struct LogSink {
     line: Vec<u8>,
-    queue: Option<SyncSender<Vec<u8>>>,
+    queue: Arc<Queue>,
+}
+
+/// Lines waiting for the writer thread. The lock is held only to push or
+/// pop a line, never while writing.
+#[derive(Debug, Default)]
+struct Queue {
+    lines: Mutex<VecDeque<Vec<u8>>>,
+    ready: Condvar,
 }
 
 impl LogSink {
@@ -60,13 +69,14 @@ impl LogSink {
     /// # Errors
     /// The thread could not be started.
     pub fn new<W: Write + Send + 'static>(out: W) -> io::Result<LogSink> {
-        let (tx, rx) = sync_channel(LOG_QUEUE_LINES);
+        let queue = Arc::new(Queue::default());
+        let theirs = Arc::clone(&queue);
         std::thread::Builder::new()
             .name("log".into())
-            .spawn(move || write_lines(rx, out))?;
+            .spawn(move || write_lines(&theirs, out))?;
         Ok(LogSink {
             line: Vec::with_capacity(256),
-            queue: Some(tx),
+            queue,
         })
     }
 
@@ -81,23 +91,18 @@ impl LogSink {
             self.line.extend_from_slice("…\n".as_bytes());
         }
         let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
-        let Some(queue) = &self.queue else {
+        let Ok(mut lines) = self.queue.lines.lock() else {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        QUEUED.fetch_add(1, Ordering::AcqRel);
-        match queue.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                QUEUED.fetch_sub(1, Ordering::AcqRel);
-                DROPPED.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                QUEUED.fetch_sub(1, Ordering::AcqRel);
-                DROPPED.fetch_add(1, Ordering::Relaxed);
-                self.queue = None;
-            }
+        if lines.len() >= LOG_QUEUE_LINES {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        QUEUED.fetch_add(1, Ordering::AcqRel);
+        lines.push_back(line);
+        drop(lines);
+        self.queue.ready.notify_one();
     }
 }
 
@@ -131,8 +136,22 @@ impl LogSink {
 
 /// The writer thread: one `write_all` per line (one `write` call unless
 /// the output takes part of it).
-fn write_lines<W: Write>(rx: Receiver<Vec<u8>>, mut out: W) {
-    for line in rx {
+fn write_lines<W: Write>(queue: &Queue, mut out: W) {
+    loop {
+        let line = {
+            let Ok(mut lines) = queue.lines.lock() else {
+                return;
+            };
+            loop {
+                if let Some(line) = lines.pop_front() {
+                    break line;
+                }
+                lines = match queue.ready.wait(lines) {
+                    Ok(l) => l,
+                    Err(_) => return,
+                };
+            }
+        };
         // Nowhere to report a failed log write: the line is lost.
         let _ = out.write_all(&line);
         QUEUED.fetch_sub(1, Ordering::AcqRel);
