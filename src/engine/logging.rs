@@ -243,8 +243,8 @@ mod tests {
     /// every write call.
     #[derive(Clone, Default)]
     struct Gate {
-        open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-        writes: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        open: Arc<std::sync::atomic::AtomicBool>,
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
     }
 
     impl Write for Gate {
