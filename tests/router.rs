@@ -24,7 +24,7 @@
 mod util;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +40,7 @@ use switchboard::role::router::RouterStats;
 
 use util::{
     Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, accept_within, brief, closed_within,
-    connect, expect_bytes, is_timeout, show, target_command, temp_file, wait_for,
+    connect, connect_from, expect_bytes, is_timeout, show, target_command, temp_file, wait_for,
 };
 
 /// Bound on waiting for a counter or an event.
@@ -122,11 +122,6 @@ fn connect_bound(s: Socket, dst: SocketAddr) -> TcpStream {
     s.connect_timeout(&dst.into(), IO_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
     finish_socket(s)
-}
-
-/// Connect to `dst` from the loopback address `src` (ip-mode devices).
-fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
-    connect_bound(bound_socket(SocketAddr::new(IpAddr::V4(src), 0)), dst)
 }
 
 // ----- the engine -----

@@ -21,7 +21,7 @@
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -37,8 +37,8 @@ use switchboard::config::{EngineConfig, TunnelAgentConfig, TunnelServerConfig};
 use switchboard::role::{AgentState, TunnelAgent, TunnelServer, TunnelStats};
 
 use util::{
-    IO_TIMEOUT, Pattern, TestEngine, accept_within, closed_within, connect, expect_bytes,
-    expect_quiet, show, wait_for,
+    IO_TIMEOUT, Pattern, TestEngine, accept_within, closed_within, connect, connect_from,
+    expect_bytes, expect_quiet, show, wait_for,
 };
 
 /// Bound on waiting for a counter, a link or a frame.
@@ -2077,25 +2077,11 @@ fn empty_listen_picks_the_first_free_tokenless_service() {
 
 // ===== hardening: admission, throttling, honest stream ends, bounded logs =====
 
-/// Connect to `to` from the loopback address `src` (127.0.0.0/8 is all
-/// local), with the usual timeouts.
-fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::from((src, 0)).into()).unwrap();
-    sock.connect_timeout(&to.into(), IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect from {src:?} to {to}: {e}"));
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
 /// Connect from `src` and wait until the engine has accepted it (so the
 /// order in which the server saw connections is the order of the calls).
 fn attach_from(server: &Server, src: [u8; 4]) -> TcpStream {
     let before = server.engine.stats().accepted_total;
-    let s = connect_from(src, server.link);
+    let s = connect_from(Ipv4Addr::from(src), server.link);
     wait_for(
         "the server to accept a link",
         WAIT,
@@ -2143,20 +2129,20 @@ fn silent_links_cannot_lock_a_real_agent_out() {
     let mut a = attach_from(&server, [127, 0, 0, 1]);
     let _b = attach_from(&server, [127, 0, 0, 1]);
     thread::sleep(Duration::from_millis(600));
-    let mut c = connect_from([127, 0, 0, 1], server.link);
+    let mut c = connect_from(Ipv4Addr::new(127, 0, 0, 1), server.link);
     expect_closed(&mut c);
     assert_eq!(load(&server.stats.pending_refused_total), 1);
     // Two more from another address fill the table.
     let _d = attach_from(&server, [127, 0, 0, 2]);
     let _e = attach_from(&server, [127, 0, 0, 2]);
     // A real agent still gets in: the oldest silent link makes room.
-    let mut real = connect_from([127, 0, 0, 3], server.link);
+    let mut real = connect_from(Ipv4Addr::new(127, 0, 0, 3), server.link);
     hand_auth(&mut real, TOKEN, [9; NONCE_LEN]);
     expect_closed(&mut a);
     assert_eq!(load(&server.stats.pending_evicted_total), 1);
     wait_public(&server.stats, "svc");
     // The address whose link was evicted may start a handshake again.
-    let mut again = connect_from([127, 0, 0, 1], server.link);
+    let mut again = connect_from(Ipv4Addr::new(127, 0, 0, 1), server.link);
     hand_listen(&mut again, ext::AUTH, [5; NONCE_LEN], b"svc");
 }
 
@@ -2177,7 +2163,7 @@ fn failed_authentications_close_an_address_on_accept() {
     const TOKEN: &[u8] = b"t-0123456789abcdef";
     let server = start_simple_server("svc", Some("t-0123456789abcdef"), "");
     for k in 0..5u8 {
-        let mut s = connect_from([127, 0, 0, 1], server.link);
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 1), server.link);
         let na = [k; NONCE_LEN];
         let hello = hand_listen(&mut s, ext::AUTH, na, b"svc");
         let bad = agent_tag(
@@ -2193,7 +2179,7 @@ fn failed_authentications_close_an_address_on_accept() {
     assert_eq!(load(&server.stats.auth_failed_total), 5);
     // The sixth link from that address is closed before any HELLO, even
     // with the right token.
-    let mut blocked = connect_from([127, 0, 0, 1], server.link);
+    let mut blocked = connect_from(Ipv4Addr::new(127, 0, 0, 1), server.link);
     send_frame(
         &mut blocked,
         Command::Listen,
@@ -2204,7 +2190,7 @@ fn failed_authentications_close_an_address_on_accept() {
     assert_eq!(load(&server.stats.throttled_total), 1);
     assert_eq!(load(&server.stats.auth_failed_total), 5);
     // Another address is not affected.
-    let mut other = connect_from([127, 0, 0, 2], server.link);
+    let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 2), server.link);
     hand_auth(&mut other, TOKEN, [8; NONCE_LEN]);
     wait_public(&server.stats, "svc");
 }

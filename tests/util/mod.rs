@@ -179,6 +179,22 @@ pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Connect to `to` from the loopback address `src` (all of 127.0.0.0/8 is
+/// local), with [`IO_TIMEOUT`] on connect, reads and writes.
+pub(crate) fn connect_from(src: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((src, 0)).into())
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    s.connect_timeout(&to.into(), IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect from {src} to {to}: {e}"));
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
 /// Connect to `addr` from a socket whose receive buffer is set to `bytes`
 /// before connecting (so the kernel cannot absorb much of what the engine
 /// sends), with [`IO_TIMEOUT`] on connect, reads and writes.
