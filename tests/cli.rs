@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use switchboard::codec::tunnel::{Command, HEADER_LEN, header};
 use util::{
-    Captured, ChildGuard, accept_within, bin, connect, send_signal, target_command, temp_file,
-    wait_child,
+    Captured, ChildGuard, accept_within, bin, connect, http_get, send_signal, target_command,
+    temp_file, wait_child,
 };
 
 const EXIT_CONFIG: i32 = 2;
@@ -273,19 +273,6 @@ fn agent_command_takes_host_names_for_server_and_local() {
         stderr.contains("local") && stderr.contains("host:port"),
         "{stderr}"
     );
-}
-
-/// GET `path` from the admin endpoint at `addr`; the body.
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = connect(addr);
-    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    body.to_owned()
 }
 
 #[test]

@@ -41,7 +41,7 @@ use switchboard::{Config, Engine, EngineError, Message, Role, RoleId};
 
 use util::{
     Captured, ChildGuard, IO_TIMEOUT, Pattern, TestEngine, bin, brief, closed_within, connect,
-    expect_bytes, expect_quiet, fixed_port, send_signal, show, target_command, wait_for,
+    expect_bytes, expect_quiet, fixed_port, http_get, send_signal, show, target_command, wait_for,
     wait_until,
 };
 
@@ -854,17 +854,6 @@ fn a_new_role_whose_address_is_taken_starts_at_a_later_reload() {
 }
 
 // ----- what the admin endpoint says after a reload -----
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = connect(addr);
-    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
-        .unwrap();
-    let raw = util::read_to_eof(&mut s, 16 * 1024 * 1024);
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    body.to_owned()
-}
 
 /// The `"role":"..","name":".."` pairs of a status document, in order.
 fn status_roles(status: &str) -> Vec<(String, String)> {

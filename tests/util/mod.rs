@@ -15,7 +15,7 @@
     reason = "test helpers fail the test loudly"
 )]
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -177,6 +177,19 @@ pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_nodelay(true).unwrap();
     s
+}
+
+/// `GET path` from an admin endpoint at `addr`; the body of its `200`
+/// answer (the test fails on any other status).
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = connect(addr);
+    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    let raw = read_to_eof(&mut s, 16 * 1024 * 1024);
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    body.to_owned()
 }
 
 /// Connect to `to` from the loopback address `src` (all of 127.0.0.0/8 is
