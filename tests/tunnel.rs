@@ -1082,7 +1082,19 @@ fn second_agent_takes_the_service_over() {
         },
         || server.stats.agent_addr("svc"),
     );
-    assert_eq!(first.stats.agent().unwrap().0, AgentState::Waiting);
+    // The agent counts the lost link just before it records its new state:
+    // under emulation the test can read in between.
+    wait_for(
+        "the first agent to wait for its redial",
+        WAIT,
+        || {
+            first
+                .stats
+                .agent()
+                .is_some_and(|a| a.0 == AgentState::Waiting)
+        },
+        || first.stats.agent(),
+    );
     // The old link's client went with it.
     expect_closed(&mut old_client);
 
