@@ -389,3 +389,73 @@ fn connect_small_window(addr: SocketAddr) -> std::net::TcpStream {
     s.set_write_timeout(Some(util::IO_TIMEOUT)).unwrap();
     s
 }
+
+/// A client that keeps sending while it does not read, so the engine stops
+/// reading it (its queue is full) and unread bytes wait in the engine's
+/// receive buffer when the stop comes. Closing such a socket outright makes
+/// the kernel answer with a reset that destroys the echo still on its way;
+/// the engine must send FIN and read the rest away instead. The client reads
+/// every byte the engine echoed, then a clean EOF.
+#[test]
+fn graceful_stop_with_unread_input_delivers_every_echoed_byte_then_eof() {
+    const UPLOAD: u64 = 48 * 1024 * 1024;
+    let mut engine = TestEngine::start(
+        "[engine]\nqueue_bytes = 262144\nshutdown_timeout = \"10s\"\n\
+         [[echo]]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let client = connect_small_window(engine.addr());
+    let pattern = Pattern::new(77);
+    let mut upload = client.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let mut sent = 0;
+        while sent < UPLOAD {
+            let c = pattern.chunk(sent, (UPLOAD - sent).min(64 * 1024) as usize);
+            match upload.write(c) {
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The engine may close once it has read this side's EOF;
+                // nothing after the stop is echoed anyway.
+                Err(_) => return sent,
+            }
+        }
+        upload.shutdown(Shutdown::Write).ok();
+        sent
+    });
+
+    // Wait until the engine has stopped reading: its queue is full and the
+    // client's reading nothing, so bytes_in stands still.
+    let h = engine.handle.clone();
+    let mut last = h.stats().bytes_in_total;
+    wait_for(
+        "the engine to stop reading the client",
+        Duration::from_secs(10),
+        || {
+            thread::sleep(Duration::from_millis(100));
+            let now = h.stats().bytes_in_total;
+            let still = now == last && now > 0;
+            last = now;
+            still
+        },
+        || brief(&h.stats()),
+    );
+    h.stop();
+
+    let mut client = client;
+    let got = util::read_to_eof(&mut client, UPLOAD as usize);
+    let sent = writer.join().unwrap();
+    engine.join(Duration::from_secs(15));
+    let s = h.stats();
+    eprintln!(
+        "client sent {sent} bytes, received {} echoed, engine read {}",
+        got.len(),
+        s.bytes_in_total
+    );
+    assert_eq!(
+        got.len() as u64,
+        s.bytes_out_total,
+        "the client did not receive every byte the engine echoed"
+    );
+    assert!(!got.is_empty());
+    assert_eq!(Pattern::new(77).check(0, &got), Ok(()));
+    assert_eq!((s.connections, s.draining), (0, 0));
+}

@@ -947,6 +947,62 @@ fn half_close_delivers_the_reply_after_the_request_ends() {
     assert_eq!(load(&agent.stats.stale_total), 0);
 }
 
+/// The agent answers 3 MiB and CLOSEs while the client is still uploading.
+/// The server closes the client gracefully: its queue is flushed, FIN sent,
+/// and the upload still arriving read away, so no reset destroys the answer
+/// on its way. The client reads all of it, then a clean EOF.
+#[test]
+fn close_while_the_client_uploads_delivers_the_whole_answer() {
+    const ANSWER: usize = 3 * 1024 * 1024;
+    const UPLOAD: u64 = 32 * 1024 * 1024;
+    let server = start_simple_server("svc", None, "");
+    let mut link = connect(server.link);
+    send_frame(&mut link, Command::Listen, 0, &[]);
+    let public = wait_public(&server.stats, "svc");
+
+    let client = connect(public);
+    let (id, _) = expect_connect(&mut link);
+    let mut upload = client.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let pattern = Pattern::new(5);
+        let mut sent = 0;
+        while sent < UPLOAD {
+            let c = pattern.chunk(sent, (UPLOAD - sent).min(64 * 1024) as usize);
+            match upload.write(c) {
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return sent,
+            }
+        }
+        upload.shutdown(Shutdown::Write).ok();
+        sent
+    });
+    // The agent's side of the link: read (and drop) the forwarded upload.
+    let mut link_in = link.try_clone().unwrap();
+    let link_reader = thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(link_in.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let answer = Pattern::new(6);
+    let mut at = 0;
+    while at < ANSWER {
+        let c = answer.chunk(at as u64, (ANSWER - at).min(60_000));
+        send_frame(&mut link, Command::Data, id, c);
+        at += c.len();
+    }
+    send_frame(&mut link, Command::Close, id, &[]);
+
+    let mut client = client;
+    let got = util::read_to_eof(&mut client, ANSWER);
+    assert_eq!(got.len(), ANSWER, "the answer was cut short");
+    assert_eq!(answer.check(0, &got), Ok(()));
+    let sent = writer.join().unwrap();
+    eprintln!("client uploaded {sent} bytes while the answer came");
+    wait_count("no streams", &server.stats.streams, 0);
+    link.shutdown(Shutdown::Both).ok();
+    link_reader.join().unwrap();
+}
+
 // ===== 8. max_streams =====
 
 #[test]

@@ -50,8 +50,16 @@ pub(crate) enum State {
     Connecting,
     /// Reading and writing.
     Open,
-    /// Closed by the role: flushing the send queue, then closing.
+    /// Closed by the role: flushing the send queue (input is read and
+    /// discarded), then [`State::Draining`].
     Closing,
+    /// A graceful close sent its FIN: input is read and discarded until the
+    /// peer's EOF, or `engine.linger`, before the socket is closed. Closing a
+    /// socket that holds unread input makes the kernel send a reset and drop
+    /// what it has not yet sent, so the peer would lose bytes it was owed.
+    /// The role has had [`crate::Role::on_closed`]: the key is stale, and the
+    /// connection belongs to the engine alone.
+    Draining,
     /// Deregistered; waiting for slab removal at the end of the batch.
     Closed,
 }
@@ -99,6 +107,8 @@ pub(crate) struct Conn {
     /// Last time the send queue moved (a write, or the first byte queued).
     pub(crate) last_progress: Instant,
     pub(crate) reason: CloseReason,
+    /// The role has been told of the close (it may still be draining).
+    pub(crate) told: bool,
 }
 
 // ===== impl Conn =====
@@ -106,5 +116,11 @@ pub(crate) struct Conn {
 impl Conn {
     pub(crate) fn can_read(&self) -> bool {
         self.state == State::Open && !self.read_closed && self.readiness.interest & READABLE != 0
+    }
+
+    /// Whether the role may still use the connection: not closed, and not
+    /// draining after a close the role has been told of.
+    pub(crate) fn is_live(&self) -> bool {
+        matches!(self.state, State::Connecting | State::Open | State::Closing)
     }
 }

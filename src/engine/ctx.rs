@@ -393,7 +393,7 @@ impl Ctx<'_> {
         let Some(c) = core
             .conns
             .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation && c.state != State::Closed)
+            .filter(|c| c.generation == key.generation && c.is_live())
         else {
             return;
         };
@@ -522,7 +522,7 @@ impl Ctx<'_> {
         let Some(c) = core.conns.get_mut(key.index as usize) else {
             return;
         };
-        if c.generation != key.generation || c.state == State::Closed {
+        if c.generation != key.generation || !c.is_live() {
             return;
         }
         if let Some(t) = c.idle_timer.take() {

@@ -166,8 +166,12 @@ macro_rules! stats {
 }
 
 stats! {
-    /// Connections held now (accepted and outbound, including closing ones).
+    /// Connections held now (accepted and outbound, including closing ones
+    /// still flushing; not draining ones, whose roles have been told).
     connections,
+    /// Connections closed gracefully whose peer has not closed yet: their
+    /// input is read and discarded until it does (at most `engine.linger`).
+    draining,
     /// Connections accepted since start.
     accepted_total,
     /// Outbound connections established since start.

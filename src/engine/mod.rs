@@ -581,7 +581,12 @@ impl Engine {
                     return;
                 }
             }
-            State::Open | State::Closing => {}
+            State::Closing | State::Draining => {
+                self.core.write_queued(idx);
+                self.core.discard_input(idx);
+                return;
+            }
+            State::Open => {}
         }
         self.flush(idx);
         self.read(idx);
@@ -944,13 +949,22 @@ impl Engine {
                     }
                 }
                 TimerOwner::Linger(key) => {
-                    if let Some(c) = self.core.conn_mut(key)
-                        && c.state == State::Closing
-                    {
-                        c.aux_timer = None;
-                        debug!("{key} could not flush {} bytes in time", c.tx.len());
-                        self.core
-                            .close_now(key.index as usize, CloseReason::LingerTimeout);
+                    let Some(c) = self.core.socket_mut(key) else {
+                        continue;
+                    };
+                    c.aux_timer = None;
+                    match c.state {
+                        State::Closing => {
+                            debug!("{key} could not flush {} bytes in time", c.tx.len());
+                            self.core
+                                .close_now(key.index as usize, CloseReason::LingerTimeout);
+                        }
+                        State::Draining => {
+                            debug!("{key} peer did not close within the linger time");
+                            let reason = c.reason;
+                            self.core.close_now(key.index as usize, reason);
+                        }
+                        _ => {}
                     }
                 }
                 TimerOwner::Stall(key) => self.stall_check(key),
@@ -980,38 +994,29 @@ impl Engine {
         self.ready_work = work;
     }
 
-    /// Remove closed connections from the slab and tell their roles.
+    /// Tell roles of their closed connections, and remove from the slab
+    /// those whose socket is closed (a draining one stays until it is).
     fn reap(&mut self) {
         while let Some(idx) = self.core.closed.pop() {
-            if !self
-                .core
-                .conns
-                .get(idx)
-                .is_some_and(|c| c.state == State::Closed)
-            {
-                continue;
-            }
             let Some(c) = self.core.conns.get(idx) else {
                 continue;
             };
-            let key = ConnKey {
-                index: idx as u32,
-                generation: c.generation,
-            };
-            let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
-            debug!("{key} closed ({reason})");
-            // The role runs while the slot is still taken: its key is stale for
-            // every call but `Ctx::pending_input`, which shows unconsumed input.
-            if never_connected {
-                Stats::add(&self.core.shared.stats.connect_failed_total, 1);
-                self.call(role, |r, ctx| r.on_connect_failed(ctx, key, reason));
-            } else {
-                self.call(role, |r, ctx| r.on_closed(ctx, key, reason));
+            if !matches!(c.state, State::Closed | State::Draining) {
+                continue;
             }
-            // Counted after the role has seen the close, so a reader that sees
-            // the connection gone also sees the role's own counters settled.
-            Stats::sub(&self.core.shared.stats.connections, 1);
-            Stats::add(&self.core.shared.stats.closed_total, 1);
+            if !c.told {
+                self.tell_closed(idx);
+            }
+            let Some(c) = self.core.conns.get_mut(idx) else {
+                continue;
+            };
+            if c.state == State::Draining {
+                // Told; the role's last look at its input is over.
+                if let Some(b) = c.rx.take() {
+                    self.core.pool.give_back(b);
+                }
+                continue;
+            }
             let c = self.core.conns.remove(idx);
             if let Some(b) = c.rx {
                 self.core.pool.give_back(b);
@@ -1020,6 +1025,36 @@ impl Engine {
                 self.core.limit_logged = false;
             }
         }
+    }
+
+    /// Hand a connection's close to its role (once), and count it.
+    fn tell_closed(&mut self, idx: usize) {
+        let Some(c) = self.core.conns.get_mut(idx) else {
+            return;
+        };
+        c.told = true;
+        let key = ConnKey {
+            index: idx as u32,
+            generation: c.generation,
+        };
+        let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
+        if c.state == State::Draining {
+            debug!("{key} closed ({reason}); reading until the peer closes");
+        } else {
+            debug!("{key} closed ({reason})");
+        }
+        // The role runs while the slot is still taken: its key is stale for
+        // every call but `Ctx::pending_input`, which shows unconsumed input.
+        if never_connected {
+            Stats::add(&self.core.shared.stats.connect_failed_total, 1);
+            self.call(role, |r, ctx| r.on_connect_failed(ctx, key, reason));
+        } else {
+            self.call(role, |r, ctx| r.on_closed(ctx, key, reason));
+        }
+        // Counted after the role has seen the close, so a reader that sees
+        // the connection gone also sees the role's own counters settled.
+        Stats::sub(&self.core.shared.stats.connections, 1);
+        Stats::add(&self.core.shared.stats.closed_total, 1);
     }
 
     fn drain_inbox(&mut self) {
@@ -1117,13 +1152,22 @@ impl Drop for Engine {
 // ===== impl Core =====
 
 impl Core {
+    /// The connection `key` names, if its role may still use it.
     fn conn(&self, key: ConnKey) -> Option<&Conn> {
         self.conns
             .get(key.index as usize)
-            .filter(|c| c.generation == key.generation && c.state != State::Closed)
+            .filter(|c| c.generation == key.generation && c.is_live())
     }
 
     fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation && c.is_live())
+    }
+
+    /// The connection `key` names while its socket is open, draining included
+    /// (for the engine's own timers).
+    fn socket_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
         self.conns
             .get_mut(key.index as usize)
             .filter(|c| c.generation == key.generation && c.state != State::Closed)
@@ -1220,10 +1264,116 @@ impl Core {
             }
         }
         if c.state == State::Closing {
-            let reason = c.reason;
-            self.close_now(idx, reason);
+            self.finish_close(idx);
         }
         total
+    }
+
+    /// The queue of a graceful close is flushed: send FIN, and unless the
+    /// peer has already closed its side, drain its input until it does (at
+    /// most `engine.linger`) so that closing cannot turn into a reset that
+    /// destroys what the peer has yet to receive. The role hears of the close
+    /// now ([`Engine::reap`]); the draining socket stays the engine's.
+    fn finish_close(&mut self, idx: usize) {
+        let (linger, now) = (self.config.linger, self.now);
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let key = ConnKey {
+            index: idx as u32,
+            generation: c.generation,
+        };
+        let reason = c.reason;
+        if c.read_closed {
+            self.close_now(idx, reason);
+            return;
+        }
+        if c.shut_write != ShutWrite::Done {
+            c.shut_write = ShutWrite::Done;
+            if let Err(e) = c.sock.shutdown(std::net::Shutdown::Write) {
+                // Not connected any more (reset by the peer): nothing to drain.
+                debug!("{key} shutdown(write) failed: {e}");
+                self.close_now(idx, reason);
+                return;
+            }
+        }
+        c.state = State::Draining;
+        Stats::add(&self.shared.stats.draining, 1);
+        c.readiness.interest &= !READABLE;
+        c.tx.release(&mut self.pool);
+        for t in [
+            c.idle_timer.take(),
+            c.aux_timer.take(),
+            c.stall_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            self.timers.cancel(t);
+        }
+        let t = self.timers.insert(now + linger, TimerOwner::Linger(key));
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.aux_timer = Some(t);
+        }
+        self.closed.push(idx);
+        // Input may be waiting already, and no new edge would announce it.
+        self.mark_ready(idx);
+    }
+
+    /// Read and throw away the input of a connection its role has closed
+    /// (flushing or draining), up to the read budget; a draining one is
+    /// closed at the peer's EOF. Never calls a role.
+    fn discard_input(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if c.read_closed || !matches!(c.state, State::Closing | State::Draining) {
+            return;
+        }
+        let mut scratch = self.pool.take();
+        let mut outcome = None;
+        for _ in 0..self.config.read_budget {
+            if c.readiness.event & READABLE == 0 {
+                break;
+            }
+            let space = scratch.space();
+            let asked = space.len();
+            match c.sock.read(space) {
+                Ok(0) => {
+                    c.read_closed = true;
+                    c.readiness.event &= !READABLE;
+                    if c.state == State::Draining {
+                        outcome = Some(c.reason);
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    if SHORT_IO_DRAINS && n < asked && c.readiness.event & HUP == 0 {
+                        c.readiness.event &= !READABLE;
+                    }
+                    Stats::add(&self.shared.stats.bytes_in_total, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readiness.event &= !READABLE;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    outcome = Some(if c.state == State::Draining {
+                        c.reason
+                    } else {
+                        CloseReason::Io(e.kind())
+                    });
+                    break;
+                }
+            }
+        }
+        let more = outcome.is_none() && c.readiness.event & READABLE != 0 && !c.read_closed;
+        self.pool.give_back(scratch);
+        if let Some(reason) = outcome {
+            self.close_now(idx, reason);
+        } else if more {
+            self.mark_ready(idx);
+        }
     }
 
     /// Take a slab slot, register the socket once, insert the connection.
@@ -1279,6 +1429,7 @@ impl Core {
             stall_timer: None,
             last_progress: self.now,
             reason: CloseReason::PeerClosed,
+            told: false,
         });
         Stats::add(&self.shared.stats.connections, 1);
         Ok(ConnKey {
@@ -1287,13 +1438,18 @@ impl Core {
         })
     }
 
-    /// Close after flushing (bounded by `engine.linger`), or now if nothing is queued.
+    /// Close after flushing (bounded by `engine.linger`), then send FIN and
+    /// drain the peer's input ([`Core::finish_close`]).
     fn close_gracefully(&mut self, key: ConnKey, reason: CloseReason) {
         let linger = self.config.linger;
         let now = self.now;
         let Some(c) = self.conn_mut(key) else { return };
         match c.state {
-            State::Open if !c.tx.is_empty() => {
+            State::Open if c.tx.is_empty() => {
+                c.reason = reason;
+                self.finish_close(key.index as usize);
+            }
+            State::Open => {
                 c.state = State::Closing;
                 c.reason = reason;
                 c.readiness.interest &= !READABLE;
@@ -1307,8 +1463,8 @@ impl Core {
                 // Connect, flush what was queued, then close (see finish_connect).
                 c.close_when_connected = Some(reason);
             }
-            State::Open | State::Connecting => self.close_now(key.index as usize, reason),
-            State::Closing | State::Closed => {}
+            State::Connecting => self.close_now(key.index as usize, reason),
+            State::Closing | State::Draining | State::Closed => {}
         }
     }
 
@@ -1317,8 +1473,10 @@ impl Core {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
-        if c.state == State::Closed {
-            return;
+        match c.state {
+            State::Closed => return,
+            State::Draining => Stats::sub(&self.shared.stats.draining, 1),
+            _ => {}
         }
         if let Err(e) = self.poll.registry().deregister(&mut c.sock) {
             debug!("c{idx}: deregister failed: {e}");

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use log::{error, info, warn};
 
-use super::{Ctx, Engine, RoleId, State};
+use super::{Ctx, Engine, RoleId};
 use crate::config::{Config, RoleConfig};
 use crate::engine::EngineError;
 use crate::role::{Reconfigure, Role};
@@ -214,7 +214,7 @@ impl Engine {
             .core
             .conns
             .iter()
-            .filter(|(_, c)| c.role == id && c.state != State::Closed)
+            .filter(|(_, c)| c.role == id && c.is_live())
             .map(|(i, _)| i)
             .collect();
         for idx in conns {

@@ -136,7 +136,9 @@ pub trait Role: Send {
         let _ = (ctx, conn);
     }
 
-    /// The connection is gone; its key is stale from now on.
+    /// The connection is gone; its key is stale from now on. After a graceful
+    /// close this comes once the queue is flushed and FIN sent; the engine
+    /// alone then reads the peer's input away until it closes too.
     fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
         let _ = (ctx, conn, reason);
     }

@@ -252,6 +252,7 @@ impl Report {
                 self.num("uptime_seconds", uptime.as_secs());
                 self.open_object(Some("engine"));
                 self.num("connections", engine.connections);
+                self.num("draining", engine.draining);
                 self.num("accepted_total", engine.accepted_total);
                 self.num("closed_total", engine.closed_total);
                 self.num("bytes_in_total", engine.bytes_in_total);
@@ -276,6 +277,12 @@ impl Report {
                     "switchboard_connections",
                     "Connections held now, all roles.",
                     engine.connections,
+                );
+                g(
+                    self,
+                    "switchboard_draining_connections",
+                    "Connections closed gracefully, reading until the peer closes.",
+                    engine.draining,
                 );
                 c(
                     self,
