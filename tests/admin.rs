@@ -1388,6 +1388,53 @@ fn healthz_is_answered_when_every_client_slot_is_taken() {
     engine.stop();
 }
 
+/// Clients that poll in a loop, as many as `max_clients`: every request is
+/// answered whole, and none is evicted to make room for another, although
+/// a client that got its answer reconnects within the loop turn that closed
+/// its previous connection (requests of one turn share one report build).
+#[test]
+fn clients_polling_at_max_clients_are_all_answered_and_never_evicted() {
+    const CLIENTS: usize = 4;
+    const ROUNDS: usize = 30;
+    // A router with many connpts makes each report, and so each loop turn
+    // that builds one, take a while.
+    let mut roles = String::from(
+        "[[router]]\nlisten = \"127.0.0.1:0\"\nreconnect_min = \"1h\"\nreconnect_max = \"1h\"\n",
+    );
+    for i in 0..2000 {
+        roles.push_str(&format!(
+            "[[router.connpt]]\nname = \"c{i}\"\nid = \"d{i:05}\"\nconnect = \"127.0.0.1:9\"\n"
+        ));
+    }
+    let (engine, admin) = admin_only(&format!("max_clients = {CLIENTS}"), &roles);
+    let pollers: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    if (i + round) % 2 == 0 {
+                        let s = status(admin);
+                        assert_eq!(s.get("version").str(), env!("CARGO_PKG_VERSION"));
+                    } else {
+                        let m = metrics(admin);
+                        assert!(m.value("switchboard_uptime_seconds", &[]) >= 0.0);
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in pollers {
+        p.join().unwrap();
+    }
+    let m = metrics(admin);
+    let labels = [("role", "admin"), ("name", "admin")];
+    assert_eq!(m.value("switchboard_admin_evicted_total", &labels), 0.0);
+    assert_eq!(
+        m.value("switchboard_accepted_connections_total", &[]),
+        (CLIENTS * ROUNDS + 1) as f64
+    );
+    engine.stop();
+}
+
 #[test]
 fn allow_closes_other_addresses_and_bad_requests_are_counted() {
     let (engine, admin) = admin_only("allow = [\"127.0.0.2/32\"]", "");

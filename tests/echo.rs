@@ -398,7 +398,7 @@ fn connect_small_window(addr: SocketAddr) -> std::net::TcpStream {
 /// every byte the engine echoed, then a clean EOF.
 #[test]
 fn graceful_stop_with_unread_input_delivers_every_echoed_byte_then_eof() {
-    const UPLOAD: u64 = 48 * 1024 * 1024;
+    const UPLOAD: u64 = 24 * 1024 * 1024;
     let mut engine = TestEngine::start(
         "[engine]\nqueue_bytes = 262144\nshutdown_timeout = \"10s\"\n\
          [[echo]]\nlisten = \"127.0.0.1:0\"\n",

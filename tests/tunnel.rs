@@ -50,6 +50,17 @@ const QUIET: Duration = Duration::from_millis(150);
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Held by the tests whose outcome depends on how fast a client reads (window
+/// growth) and by the one that moves the most bytes, so that they do not
+/// run beside each other on a two-core machine.
+static TIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn timing_lock() -> std::sync::MutexGuard<'static, ()> {
+    TIMING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 // ----- engines -----
 
 /// A tunnel server on its own engine.
@@ -953,8 +964,8 @@ fn half_close_delivers_the_reply_after_the_request_ends() {
 /// on its way. The client reads all of it, then a clean EOF.
 #[test]
 fn close_while_the_client_uploads_delivers_the_whole_answer() {
+    let _alone = timing_lock();
     const ANSWER: usize = 3 * 1024 * 1024;
-    const UPLOAD: u64 = 32 * 1024 * 1024;
     let server = start_simple_server("svc", None, "");
     let mut link = connect(server.link);
     send_frame(&mut link, Command::Listen, 0, &[]);
@@ -962,17 +973,22 @@ fn close_while_the_client_uploads_delivers_the_whole_answer() {
 
     let client = connect(public);
     let (id, _) = expect_connect(&mut link);
+    // The client uploads, paced (about 16 MB/s, so that the test does not
+    // load the machine), until it has read the whole answer.
+    let answered = Arc::new(AtomicBool::new(false));
     let mut upload = client.try_clone().unwrap();
+    let done = Arc::clone(&answered);
     let writer = thread::spawn(move || {
         let pattern = Pattern::new(5);
         let mut sent = 0;
-        while sent < UPLOAD {
-            let c = pattern.chunk(sent, (UPLOAD - sent).min(64 * 1024) as usize);
+        while !done.load(Ordering::Relaxed) {
+            let c = pattern.chunk(sent, 16 * 1024);
             match upload.write(c) {
                 Ok(n) => sent += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return sent,
             }
+            thread::sleep(Duration::from_millis(1));
         }
         upload.shutdown(Shutdown::Write).ok();
         sent
@@ -994,9 +1010,11 @@ fn close_while_the_client_uploads_delivers_the_whole_answer() {
 
     let mut client = client;
     let got = util::read_to_eof(&mut client, ANSWER);
+    answered.store(true, Ordering::Relaxed);
     assert_eq!(got.len(), ANSWER, "the answer was cut short");
     assert_eq!(answer.check(0, &got), Ok(()));
     let sent = writer.join().unwrap();
+    assert!(sent > 0);
     eprintln!("client uploaded {sent} bytes while the answer came");
     wait_count("no streams", &server.stats.streams, 0);
     link.shutdown(Shutdown::Both).ok();
@@ -1421,6 +1439,7 @@ fn credit_flood(server: &Server, streams: usize, bytes: u64) -> Flood {
 
 #[test]
 fn credit_window_grows_on_a_fast_stream_up_to_max_window() {
+    let _alone = timing_lock();
     const WINDOW: u64 = 64 * 1024;
     const MAX_WINDOW: u64 = 1024 * 1024;
     let server = start_simple_server(
@@ -1461,6 +1480,7 @@ fn credit_window_grows_on_a_fast_stream_up_to_max_window() {
 
 #[test]
 fn credit_window_growth_of_a_link_stays_within_link_window() {
+    let _alone = timing_lock();
     const STREAMS: u64 = 4;
     const WINDOW: u64 = 64 * 1024;
     const LINK_WINDOW: u64 = 256 * 1024;

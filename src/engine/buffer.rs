@@ -344,7 +344,17 @@ impl SendQueue {
     }
 
     /// Fill `iov` with the queued bytes in order; returns how many slots are used.
+    #[cfg(test)]
     pub(crate) fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+        self.gather_at_most(iov, usize::MAX)
+    }
+
+    /// [`SendQueue::gather`], at most `limit` bytes in all.
+    pub(crate) fn gather_at_most<'a>(
+        &'a self,
+        iov: &mut [IoSlice<'a>; MAX_IOV],
+        mut limit: usize,
+    ) -> usize {
         let mut blocks = self.blocks.iter();
         let mut block: &[u8] = blocks.next().map(Buffer::data).unwrap_or_default();
         let mut n = 0;
@@ -362,8 +372,13 @@ impl SendQueue {
                     head
                 }
             };
+            let bytes = bytes.get(..bytes.len().min(limit)).unwrap_or_default();
+            limit -= bytes.len();
             *slot = IoSlice::new(bytes);
             n += 1;
+            if limit == 0 {
+                break;
+            }
         }
         n
     }
@@ -593,7 +608,10 @@ mod tests {
                 // Interleave partial writes with pushes.
                 let w = write_sizes[i % write_sizes.len()].min(q.len());
                 let mut iov = [IoSlice::new(&[]); MAX_IOV];
-                let n = q.gather(&mut iov);
+                // Gather at most a little more than is written (or all).
+                let limit = if i % 2 == 0 { usize::MAX } else { w + i % 3 };
+                let n = q.gather_at_most(&mut iov, limit);
+                proptest::prop_assert!(iov[..n].iter().map(|s| s.len()).sum::<usize>() <= limit);
                 let mut left = w;
                 for s in &iov[..n] {
                     let take = s.len().min(left);

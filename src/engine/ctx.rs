@@ -287,7 +287,8 @@ impl Ctx<'_> {
             return 0;
         }
         let idx = key.index as usize;
-        let written = self.core.write_queued(idx);
+        // All the socket takes: the role asked, to judge what is left.
+        let written = self.core.write_queued(idx, usize::MAX);
         // The pump later in the turn tells the role (`on_writable`) if it asked.
         self.core.mark_ready(idx);
         written
@@ -621,9 +622,10 @@ impl Ctx<'_> {
         self.core.conns.len()
     }
 
-    /// Ask for a status or metrics report: once the current callback returns,
-    /// every role writes its part ([`crate::Role::report`]) and the calling
-    /// role gets the whole document in [`crate::Role::on_report`] with `conn`.
+    /// Ask for a status or metrics report: at the end of the loop turn every
+    /// role writes its part ([`crate::Role::report`]) and the calling role
+    /// gets the whole document in [`crate::Role::on_report`] with `conn`.
+    /// Requests of one kind in one turn share one build.
     pub fn request_report(&mut self, conn: ConnKey, kind: crate::role::ReportKind) {
         self.core.reports.push((self.role, conn, kind));
     }

@@ -43,7 +43,7 @@ use slab::Slab;
 
 use crate::codec::{Decoded, Decoder, FrameError, Framing};
 use crate::config::EngineConfig;
-use crate::role::{OnFrameError, Role};
+use crate::role::{OnFrameError, ReportKind, Role};
 use buffer::{BufferPool, MAX_IOV, SendQueue};
 use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, ShutWrite, State, WRITABLE};
 use handle::{Command, Shared, Stats};
@@ -56,6 +56,10 @@ const EVENTS_CAPACITY: usize = 1024;
 const ACCEPT_BUDGET: usize = 256;
 /// Timers fired per turn before the loop polls again (with a zero timeout).
 const TIMER_BUDGET: usize = 4096;
+/// Bytes one flush may write to one connection before the others get their
+/// turn (the rest follows from the ready list): one client taking a large
+/// response cannot hold the loop for the time the kernel takes to copy it.
+const WRITE_BUDGET: usize = 256 * 1024;
 /// Frames or syscalls one pump may handle before the connection is closed as a
 /// bug (a role that resumes forever, say); far above any legitimate count.
 /// How often the buffer pool frees buffers that stayed unused meanwhile.
@@ -225,7 +229,7 @@ pub(crate) struct Core {
     /// When the buffer pool next gives back buffers a whole interval left unused.
     next_trim: Instant,
     /// Reports asked for with `Ctx::request_report`, served after the callback.
-    reports: Vec<(RoleId, ConnKey, crate::role::ReportKind)>,
+    reports: Vec<(RoleId, ConnKey, ReportKind)>,
 }
 
 /// The event loop and the roles it serves.
@@ -441,6 +445,9 @@ impl Engine {
         self.events = events;
         self.fire_timers();
         self.work_ready_list();
+        if !self.core.reports.is_empty() {
+            self.serve_reports();
+        }
         self.reap();
         if self.core.now >= self.core.next_trim {
             let freed = self.core.pool.trim();
@@ -471,7 +478,11 @@ impl Engine {
     fn poll_timeout(&mut self) -> Option<Duration> {
         let accept_pending =
             self.core.can_accept() && self.core.listeners.iter().any(|(_, l)| l.ready);
-        if !self.core.ready.is_empty() || !self.core.closed.is_empty() || accept_pending {
+        if !self.core.ready.is_empty()
+            || !self.core.closed.is_empty()
+            || !self.core.reports.is_empty()
+            || accept_pending
+        {
             return Some(Duration::ZERO);
         }
         let next = self.core.timers.next_deadline();
@@ -582,7 +593,7 @@ impl Engine {
                 }
             }
             State::Closing | State::Draining => {
-                self.core.write_queued(idx);
+                self.core.write_queued(idx, WRITE_BUDGET);
                 self.core.discard_input(idx);
                 return;
             }
@@ -812,7 +823,7 @@ impl Engine {
     /// Write queued bytes until `WouldBlock` or empty; once empty, tell the
     /// role if it asked to hear of it.
     fn flush(&mut self, idx: usize) {
-        self.core.write_queued(idx);
+        self.core.write_queued(idx, WRITE_BUDGET);
         let Some(c) = self.core.conns.get_mut(idx) else {
             return;
         };
@@ -869,44 +880,58 @@ impl Engine {
                 },
             );
         }
-        if !self.core.reports.is_empty() {
-            self.serve_reports();
+    }
+
+    /// Build the reports roles asked for this turn (every role writes its
+    /// part from a read-only view), at most one of each kind however many
+    /// asked, and hand the same body to each role that asked: sixteen
+    /// clients polling `/status` cost one build a turn, not sixteen.
+    fn serve_reports(&mut self) {
+        let mut requests = std::mem::take(&mut self.core.reports);
+        for kind in [ReportKind::Status, ReportKind::Metrics] {
+            if !requests.iter().any(|r| r.2 == kind) {
+                continue;
+            }
+            let body = self.build_report(kind);
+            for &(requester, conn, _) in requests.iter().filter(|r| r.2 == kind) {
+                // A report asked for while handing one over waits for the next turn.
+                if let Some(r) = self.roles.get_mut(requester.0) {
+                    r.on_report(
+                        &mut Ctx {
+                            core: &mut self.core,
+                            role: requester,
+                        },
+                        conn,
+                        kind,
+                        body.clone(),
+                    );
+                }
+            }
+        }
+        requests.clear();
+        // Keep the (empty) allocation unless this turn's requests grew it.
+        if self.core.reports.is_empty() {
+            self.core.reports = requests;
         }
     }
 
-    /// Build the reports roles asked for (every role writes its part from a
-    /// read-only view) and hand each to the role that asked.
-    fn serve_reports(&mut self) {
-        let requests = std::mem::take(&mut self.core.reports);
-        for (requester, conn, kind) in requests {
-            let mut report = crate::role::Report::new(kind, self.core.now);
-            let uptime = self.core.now.saturating_duration_since(self.core.born);
-            report.begin(uptime, &self.core.shared.stats.snapshot());
-            let view = View { core: &self.core };
-            for role in self
-                .roles
-                .iter()
-                .filter(|r| !reload::is_retired(r.as_ref()))
-            {
-                report.role_begin(role.kind(), role.name());
-                role.report(&view, &mut report);
-                report.role_end();
-            }
-            report.end();
-            let body = report.into_string();
-            // A report asked for while handing one over waits for the next call.
-            if let Some(r) = self.roles.get_mut(requester.0) {
-                r.on_report(
-                    &mut Ctx {
-                        core: &mut self.core,
-                        role: requester,
-                    },
-                    conn,
-                    kind,
-                    body,
-                );
-            }
+    /// One report of `kind`: the engine's figures, then each role's part.
+    fn build_report(&self, kind: ReportKind) -> bytes::Bytes {
+        let mut report = crate::role::Report::new(kind, self.core.now);
+        let uptime = self.core.now.saturating_duration_since(self.core.born);
+        report.begin(uptime, &self.core.shared.stats.snapshot());
+        let view = View { core: &self.core };
+        for role in self
+            .roles
+            .iter()
+            .filter(|r| !reload::is_retired(r.as_ref()))
+        {
+            report.role_begin(role.kind(), role.name());
+            role.report(&view, &mut report);
+            report.role_end();
         }
+        report.end();
+        bytes::Bytes::from(report.into_string())
     }
 
     fn fire_timers(&mut self) {
@@ -1209,7 +1234,9 @@ impl Core {
     /// once empty, give the queue's blocks back and finish a graceful close.
     /// Returns the bytes written. Never calls a role, so [`Ctx::flush`] can
     /// use it from inside a callback.
-    fn write_queued(&mut self, idx: usize) -> usize {
+    /// At most `budget` bytes are written; a connection with more to write
+    /// goes on the ready list.
+    fn write_queued(&mut self, idx: usize, budget: usize) -> usize {
         let Some(c) = self.conns.get_mut(idx) else {
             return 0;
         };
@@ -1222,8 +1249,12 @@ impl Core {
         };
         let mut total = 0;
         while !c.tx.is_empty() && c.readiness.event & WRITABLE != 0 {
+            if total >= budget {
+                self.mark_ready(idx);
+                return total;
+            }
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let n = c.tx.gather(&mut iov);
+            let n = c.tx.gather_at_most(&mut iov, budget - total);
             let offered: usize = iov.iter().take(n).map(|s| s.len()).sum();
             let res = write_nosignal(&c.sock, iov.get(..n).unwrap_or_default());
             match res {

@@ -71,7 +71,20 @@ impl Admin {
 
     /// All `max_clients` are taken: close the oldest client still sending
     /// its request (idle or slow), else the oldest still taking its answer.
+    /// Clients whose answer is complete (closed this turn, `on_closed` still
+    /// to come) are dropped from the count first: under load, their clients
+    /// reconnect within the same turn.
     fn make_room(&mut self, ctx: &mut Ctx<'_>) {
+        self.clients.retain(|&k, c| {
+            let live = ctx.peer_addr(k).is_some();
+            if !live {
+                ctx.cancel_timer(c.timer);
+            }
+            live
+        });
+        if self.clients.len() < self.config.max_clients {
+            return;
+        }
         let oldest = |answered: bool| {
             self.clients
                 .iter()
@@ -315,7 +328,7 @@ impl Role for Admin {
         }
     }
 
-    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: String) {
+    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: Bytes) {
         if body.len() > self.config.max_response {
             warn!(
                 "admin: report of {} bytes exceeds max_response ({}); answering 503",
@@ -329,7 +342,7 @@ impl Role for Admin {
             ReportKind::Status => "application/json",
             ReportKind::Metrics => "text/plain; version=0.0.4; charset=utf-8",
         };
-        self.respond(ctx, conn, "200 OK", ctype, Bytes::from(body));
+        self.respond(ctx, conn, "200 OK", ctype, body);
     }
 
     fn on_shutdown(&mut self, ctx: &mut Ctx<'_>) {

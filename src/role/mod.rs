@@ -22,6 +22,8 @@ pub use tunnel::{AgentState, Resolver, TunnelAgent, TunnelServer, TunnelStats};
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
+
 use crate::codec::{Frame, FrameError};
 use crate::config::RoleConfig;
 use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey, View};
@@ -174,7 +176,7 @@ pub trait Role: Send {
     }
 
     /// A report asked for with [`Ctx::request_report`] is ready.
-    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: String) {
+    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: Bytes) {
         let _ = (ctx, conn, kind, body);
     }
 

@@ -89,7 +89,9 @@ impl Report {
     /// Start a field of the current object: separator and `"key":`.
     fn key(&mut self, key: &str) {
         self.sep();
-        let _ = write!(self.out, "\"{}\":", EscJson(key));
+        self.out.push('"');
+        push_json(&mut self.out, key);
+        self.out.push_str("\":");
     }
 
     /// Open a JSON object (as a field `key` of the current object, or as the
@@ -138,7 +140,9 @@ impl Report {
     pub fn str(&mut self, key: &str, value: &str) {
         if self.kind == ReportKind::Status {
             self.key(key);
-            let _ = write!(self.out, "\"{}\"", EscJson(value));
+            self.out.push('"');
+            push_json(&mut self.out, value);
+            self.out.push('"');
         }
     }
 
@@ -146,7 +150,7 @@ impl Report {
     pub fn num(&mut self, key: &str, value: u64) {
         if self.kind == ReportKind::Status {
             self.key(key);
-            let _ = write!(self.out, "{value}");
+            push_u64(&mut self.out, value);
         }
     }
 
@@ -164,7 +168,11 @@ impl Report {
             return;
         }
         match value {
-            Some(a) => self.str(key, &a.to_string()),
+            Some(a) => {
+                // An address needs no escaping.
+                self.key(key);
+                let _ = write!(self.out, "\"{a}\"");
+            }
             None => {
                 self.key(key);
                 self.out.push_str("null");
@@ -376,6 +384,36 @@ impl Report {
     }
 }
 
+/// `s` as the inside of a JSON string; most text (names, ids) needs no
+/// escaping and is copied as it is. Reports for large configurations are
+/// mostly such fields, so this and [`push_u64`] keep their cost down.
+fn push_json(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push_str(s);
+    } else {
+        let _ = write!(out, "{}", EscJson(s));
+    }
+}
+
+/// A decimal number, without the formatting machinery.
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(i..).unwrap_or_default() {
+        out.push(char::from(d));
+    }
+}
+
 /// JSON string escaping.
 struct EscJson<'a>(&'a str);
 
@@ -450,6 +488,20 @@ mod tests {
             !s.contains(",,") && !s.contains("{,") && !s.contains("[,"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn numbers_and_plain_strings_take_the_fast_paths_exactly() {
+        for v in [0, 7, 10, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let mut s = String::new();
+            push_u64(&mut s, v);
+            assert_eq!(s, v.to_string());
+        }
+        for text in ["plain id", "", "tab\there", "quote\"", "back\\slash", "ünï"] {
+            let mut s = String::new();
+            push_json(&mut s, text);
+            assert_eq!(s, EscJson(text).to_string());
+        }
     }
 
     #[test]

@@ -96,6 +96,18 @@ impl ShownId {
     fn write(&self, out: &mut Report) {
         out.str("id", &self.value);
     }
+
+    /// The status report's `id` field for `bytes`, without building a
+    /// `ShownId` when the id is short printable text (the common case).
+    fn write_id(bytes: &[u8], out: &mut Report) {
+        let plain = bytes.len() <= 32
+            && bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
+            && !bytes.starts_with(b"hex:");
+        match std::str::from_utf8(bytes) {
+            Ok(text) if plain => out.str("id", text),
+            _ => ShownId::new(bytes).write(out),
+        }
+    }
 }
 
 /// Quoted text (so spaces show) or `hex:..`: how logs show an id.
@@ -962,7 +974,7 @@ impl Role for Router {
             down += c.bytes_down;
             out.open_object(None);
             out.str("name", &c.name);
-            ShownId::new(c.id.as_slice()).write(out);
+            ShownId::write_id(c.id.as_slice(), out);
             out.bool("online", c.device.is_some());
             out.age("since_seconds", c.since);
             out.addr("peer", c.device.map(|(_, p)| p));
