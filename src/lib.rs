@@ -108,6 +108,7 @@
 pub mod codec;
 pub mod config;
 pub mod engine;
+pub mod proto;
 pub mod role;
 
 pub use config::{Config, ConfigError};

@@ -22,12 +22,8 @@ use crate::config::AdminConfig;
 use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, TimerKey, View,
 };
+use crate::proto::admin::{MAX_HEAD, Route, route};
 use crate::role::{Report, ReportKind, Role};
-
-/// The longest request head (request line and headers) accepted.
-pub const MAX_HEAD: usize = 8 * 1024;
-/// The most headers a request may carry.
-const MAX_HEADERS: usize = 32;
 
 struct Client {
     head: Vec<u8>,
@@ -149,49 +145,27 @@ impl Admin {
         );
     }
 
-    /// Parse what has arrived; answer once the head is complete.
+    /// Judge what has arrived; answer once the head is complete.
     fn on_head(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
         let Some(c) = self.clients.get(&conn) else {
             return;
         };
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let parsed = req.parse(&c.head);
-        let too_long = c.head.len() >= MAX_HEAD;
-        match parsed {
-            Ok(httparse::Status::Partial) if too_long => {
-                self.error(ctx, conn, "431 Request Header Fields Too Large");
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                self.error(ctx, conn, "431 Request Header Fields Too Large");
-            }
-            Err(e) => {
-                debug!("{conn}: bad admin request: {e}");
-                self.error(ctx, conn, "400 Bad Request");
-            }
-            Ok(httparse::Status::Complete(_)) => {
-                let method = req.method.unwrap_or_default();
-                let path = req.path.unwrap_or_default();
-                let path = path.split('?').next().unwrap_or_default();
-                debug!("{conn}: admin {method} {path}");
-                if method != "GET" {
-                    self.error(ctx, conn, "405 Method Not Allowed");
-                    return;
-                }
-                match path {
-                    "/healthz" => self.respond(
-                        ctx,
-                        conn,
-                        "200 OK",
-                        "text/plain; charset=utf-8",
-                        Bytes::from_static(b"ok\n"),
-                    ),
-                    "/status" => self.ask(ctx, conn, ReportKind::Status),
-                    "/metrics" => self.ask(ctx, conn, ReportKind::Metrics),
-                    _ => self.error(ctx, conn, "404 Not Found"),
-                }
-            }
+        let route = route(&c.head);
+        if route != Route::Incomplete {
+            debug!("{conn}: admin request: {route:?}");
+        }
+        match route {
+            Route::Incomplete => {}
+            Route::Healthz => self.respond(
+                ctx,
+                conn,
+                "200 OK",
+                "text/plain; charset=utf-8",
+                Bytes::from_static(b"ok\n"),
+            ),
+            Route::Status => self.ask(ctx, conn, ReportKind::Status),
+            Route::Metrics => self.ask(ctx, conn, ReportKind::Metrics),
+            Route::Refused(why) => self.error(ctx, conn, why.status()),
         }
     }
 

@@ -26,6 +26,7 @@ use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, LogLimit,
     SendError, Suppressed, TimerKey, View,
 };
+use crate::proto::router::{Id, IdTable, Identifying, Outcome, Rules, is_heartbeat, strip_id};
 use crate::role::admission::{Admit, PER_IP_GRACE, Pending as Admission, PendingId};
 use crate::role::{Reconfigure, Report, Role};
 
@@ -36,34 +37,6 @@ const KIND_PENDING: u64 = 0;
 const KIND_KEEPALIVE: u64 = 1;
 const KIND_REDIAL: u64 = 2;
 const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
-
-/// An id as inline bytes: no heap, fixed size (see `MAX_ID_LEN`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Id {
-    len: u8,
-    bytes: [u8; crate::config::MAX_ID_LEN],
-}
-
-impl Id {
-    fn new(src: &[u8]) -> Option<Id> {
-        let mut bytes = [0; crate::config::MAX_ID_LEN];
-        bytes.get_mut(..src.len())?.copy_from_slice(src);
-        Some(Id {
-            len: src.len() as u8,
-            bytes,
-        })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
-    }
-}
-
-impl std::fmt::Debug for Id {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&preview(self.as_slice()))
-    }
-}
 
 /// An id as people see it, in logs and in the status report: its first 32
 /// bytes, as text when they are printable ASCII, else as `hex:` and hex
@@ -186,11 +159,10 @@ struct Pending {
     peer: SocketAddr,
     /// Its place in the admission table.
     slot: PendingId,
-    buf: Vec<u8>,
-    id_deadline: Instant,
-    /// Set while the bytes so far are an id and the start of a longer one.
-    gap_deadline: Option<Instant>,
-    timer: Option<TimerKey>,
+    /// Its bytes and deadlines (the sans-IO identification).
+    ident: Identifying,
+    /// Set for `ident.deadline()`.
+    timer: Option<(TimerKey, Instant)>,
 }
 
 #[derive(Debug)]
@@ -228,10 +200,10 @@ pub struct Router {
     stats: Arc<RouterStats>,
     device_listener: Option<ListenerId>,
     connpts: Vec<Connpt>,
-    by_id: HashMap<Id, u32>,
-    /// Connpt indices in id order, for "could these bytes still become a
-    /// longer id?".
-    sorted_ids: Vec<u32>,
+    /// The ids of live connpts (`identity = "id"`).
+    ids: IdTable,
+    /// The `id_*` settings, as the identification takes them.
+    rules: Rules,
     by_ip: HashMap<IpAddr, u32>,
     by_addr: HashMap<SocketAddr, u32>,
     app_listeners: HashMap<ListenerId, u32>,
@@ -257,8 +229,8 @@ impl Router {
             stats: Arc::new(RouterStats::default()),
             device_listener: None,
             connpts: Vec::with_capacity(n),
-            by_id: HashMap::with_capacity(n),
-            sorted_ids: Vec::with_capacity(n),
+            ids: IdTable::default(),
+            rules: Router::rules(config),
             by_ip: HashMap::new(),
             by_addr: HashMap::new(),
             app_listeners: HashMap::with_capacity(
@@ -273,30 +245,42 @@ impl Router {
             config: config.clone(),
         };
         for c in &config.connpt {
-            let i = r.connpts.len() as u32;
             r.connpts.push(Router::connpt_from(config, c));
-            r.index_connpt(i);
         }
-        let connpts = &r.connpts;
-        let id = |i: &u32| {
-            connpts
-                .get(*i as usize)
-                .map(|c| c.id.as_slice())
-                .unwrap_or_default()
-        };
-        r.sorted_ids.sort_unstable_by(|a, b| id(a).cmp(id(b)));
+        match config.identity {
+            Identity::Id => {
+                r.ids = IdTable::new(r.connpts.iter().zip(0..).map(|(c, i)| (c.id, i)));
+            }
+            Identity::Ip => {
+                for i in 0..r.connpts.len() {
+                    r.index_connpt(i as u32);
+                }
+            }
+        }
         // The connpts now live in `connpts`; do not keep a second copy.
         r.config.connpt = Vec::new();
         r
     }
 
+    /// The identification settings of `config`.
+    fn rules(config: &RouterConfig) -> Rules {
+        Rules {
+            delimiter: config
+                .id_delimiter
+                .as_ref()
+                .map(|d| d.0.clone())
+                .unwrap_or_default(),
+            max_len: config.id_max_len,
+            gap: config.id_gap,
+            timeout: config.id_timeout,
+        }
+    }
+
     fn connpt_from(config: &RouterConfig, c: &ConnptConfig) -> Connpt {
         Connpt {
             name: c.name.clone(),
-            id: Id::new(&c.id.0).unwrap_or(Id {
-                len: 0,
-                bytes: [0; crate::config::MAX_ID_LEN],
-            }),
+            // Validation keeps ids within MAX_ID_LEN.
+            id: Id::new(&c.id.0).unwrap_or_default(),
             listen: c.listen,
             connect: c.connect,
             send_id: c.send_id.as_ref().map(|b| b.0.clone()),
@@ -316,16 +300,13 @@ impl Router {
         }
     }
 
-    /// Enter connpt `i` in the lookup tables (the caller re-sorts `sorted_ids`).
+    /// Enter connpt `i` in the lookup tables.
     fn index_connpt(&mut self, i: u32) {
         let Some(c) = self.connpts.get(i as usize) else {
             return;
         };
         match self.config.identity {
-            Identity::Id => {
-                self.by_id.insert(c.id, i);
-                self.sorted_ids.push(i);
-            }
+            Identity::Id => self.ids.insert(c.id, i),
             Identity::Ip => {
                 let text = String::from_utf8_lossy(c.id.as_slice());
                 if let Ok(a) = text.parse::<SocketAddr>() {
@@ -335,17 +316,6 @@ impl Router {
                 }
             }
         }
-    }
-
-    fn sort_ids(&mut self) {
-        let connpts = &self.connpts;
-        let id = |i: &u32| {
-            connpts
-                .get(*i as usize)
-                .map(|c| c.id.as_slice())
-                .unwrap_or_default()
-        };
-        self.sorted_ids.sort_unstable_by(|a, b| id(a).cmp(id(b)));
     }
 
     /// Whether connpt `c` is what `cfg` describes.
@@ -382,12 +352,7 @@ impl Router {
         info!("{name}: connpt {} removed", c.name);
         let id = c.id;
         match self.config.identity {
-            Identity::Id => {
-                if self.by_id.get(&id) == Some(&i) {
-                    self.by_id.remove(&id);
-                }
-                self.sorted_ids.retain(|&x| x != i);
-            }
+            Identity::Id => self.ids.remove(id, i),
             Identity::Ip => {
                 self.by_addr.retain(|_, x| *x != i);
                 self.by_ip.retain(|_, x| *x != i);
@@ -442,20 +407,6 @@ impl Router {
         self.connpts.get_mut(i as usize)
     }
 
-    /// Whether some configured id is longer than `bytes` and starts with them.
-    fn extendable(&self, bytes: &[u8]) -> bool {
-        let id = |i: &u32| {
-            self.connpts
-                .get(*i as usize)
-                .map(|c| c.id.as_slice())
-                .unwrap_or_default()
-        };
-        let at = self.sorted_ids.partition_point(|i| id(i) <= bytes);
-        self.sorted_ids
-            .get(at)
-            .is_some_and(|i| id(i).starts_with(bytes))
-    }
-
     fn accept_device(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
         if self.config.identity == Identity::Ip {
             let found = self
@@ -501,15 +452,13 @@ impl Router {
             }
         }
         let slot = self.pending.insert(key, peer.ip(), now);
-        let id_deadline = now + self.config.id_timeout;
-        let timer = Some(ctx.set_timer(id_deadline, token(KIND_PENDING, key)));
+        let ident = Identifying::new(&self.rules, now);
+        let at = ident.deadline();
         let pending = Pending {
             peer,
             slot,
-            buf: Vec::new(),
-            id_deadline,
-            gap_deadline: None,
-            timer,
+            ident,
+            timer: Some((ctx.set_timer(at, token(KIND_PENDING, key)), at)),
         };
         self.links.insert(key, Link::Pending(Box::new(pending)));
         debug!(
@@ -523,69 +472,55 @@ impl Router {
         let Some(Link::Pending(p)) = self.links.remove(&key) else {
             return None;
         };
-        if let Some(t) = p.timer {
+        if let Some((t, _)) = p.timer {
             ctx.cancel_timer(t);
         }
         self.pending.remove(p.slot, key);
         Some(p)
     }
 
-    /// Try to decide the id from the bytes so far (`expired`: the gap passed).
-    fn identify(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, expired: bool) {
-        let Some(Link::Pending(p)) = self.links.get(&key) else {
-            return;
-        };
-        let buf = &p.buf;
-        let decision = match &self.config.id_delimiter {
-            Some(delim) => match find(buf, &delim.0) {
-                Some(at) => Some((at, at + delim.0.len())),
-                None if buf.len() >= self.config.id_max_len + delim.0.len() => {
-                    Some((buf.len(), buf.len()))
+    /// Carry out what the identification of pending device `key` decided.
+    fn settle(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, outcome: Outcome) {
+        match outcome {
+            Outcome::Wait => {
+                // Keep the timer at the identification's deadline.
+                let Some(Link::Pending(p)) = self.links.get_mut(&key) else {
+                    return;
+                };
+                let at = p.ident.deadline();
+                if p.timer.is_some_and(|(_, set)| set == at) {
+                    return;
                 }
-                None => None,
-            },
-            None => {
-                let longest = (1..=buf.len().min(self.config.id_max_len))
-                    .rev()
-                    .find(|&k| {
-                        buf.get(..k)
-                            .and_then(Id::new)
-                            .is_some_and(|id| self.by_id.contains_key(&id))
-                    });
-                let wait = buf.len() < self.config.id_max_len && self.extendable(buf) && !expired;
-                match (longest, wait) {
-                    (_, false) => Some(longest.map_or((buf.len(), buf.len()), |k| (k, k))),
-                    (Some(_), true) => {
-                        // An id, and the start of a longer one: wait a little.
-                        if p.gap_deadline.is_none() {
-                            let at = ctx.now() + self.config.id_gap;
-                            if let Some(Link::Pending(p)) = self.links.get_mut(&key) {
-                                p.gap_deadline = Some(at);
-                                if let Some(t) = p.timer.take() {
-                                    ctx.cancel_timer(t);
-                                }
-                                p.timer = Some(
-                                    ctx.set_timer(at.min(p.id_deadline), token(KIND_PENDING, key)),
-                                );
-                            }
-                        }
-                        None
-                    }
-                    (None, true) => None,
+                if let Some((t, _)) = p.timer.take() {
+                    ctx.cancel_timer(t);
+                }
+                p.timer = Some((ctx.set_timer(at, token(KIND_PENDING, key)), at));
+            }
+            Outcome::Identified { connpt, data_start } => {
+                if let Some(p) = self.take_pending(ctx, key) {
+                    let rest = p.ident.bytes().get(data_start..).unwrap_or_default();
+                    self.identified(ctx, key, p.peer, connpt, rest);
                 }
             }
-        };
-        let Some((id_end, data_start)) = decision else {
-            return;
-        };
-        let Some(p) = self.take_pending(ctx, key) else {
-            return;
-        };
-        let id = p.buf.get(..id_end).unwrap_or_default();
-        let rest = p.buf.get(data_start..).unwrap_or_default();
-        match Id::new(id).and_then(|id| self.by_id.get(&id).copied()) {
-            Some(i) => self.identified(ctx, key, p.peer, i, rest),
-            None => self.unknown(ctx, key, p.peer, id),
+            Outcome::Unknown { id_end } => {
+                if let Some(p) = self.take_pending(ctx, key) {
+                    let id = p.ident.bytes().get(..id_end).unwrap_or_default();
+                    self.unknown(ctx, key, p.peer, id);
+                }
+            }
+            Outcome::TimedOut => {
+                if let Some(p) = self.take_pending(ctx, key) {
+                    warn!(
+                        "{}: device {} sent no known id within {:?} (got {}); closing",
+                        self.config.name,
+                        p.peer,
+                        self.config.id_timeout,
+                        preview(p.ident.bytes())
+                    );
+                    bump(&self.stats.id_timeouts);
+                    ctx.abort(key);
+                }
+            }
         }
     }
 
@@ -729,7 +664,7 @@ impl Router {
             return;
         };
         if let Some(hb) = &self.config.heartbeat
-            && is_repetition(data, &hb.0)
+            && is_heartbeat(data, &hb.0)
         {
             bump(&self.stats.heartbeats);
             if let Some(reply) = &self.config.heartbeat_reply {
@@ -738,7 +673,7 @@ impl Router {
             return;
         }
         if self.config.strip_prefix {
-            data = data.strip_prefix(c.id.as_slice()).unwrap_or(data);
+            data = strip_id(data, c.id.as_slice());
         }
         if data.is_empty() {
             return;
@@ -887,21 +822,6 @@ fn token(kind: u64, key: ConnKey) -> u64 {
     (kind << KIND_SHIFT) | key.to_u64()
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() {
-        return None;
-    }
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Whether `data` is one or more whole repetitions of `pattern`.
-fn is_repetition(data: &[u8], pattern: &[u8]) -> bool {
-    !data.is_empty()
-        && !pattern.is_empty()
-        && data.len().is_multiple_of(pattern.len())
-        && data.chunks(pattern.len()).all(|c| c == pattern)
-}
-
 impl Role for Router {
     fn name(&self) -> &str {
         &self.config.name
@@ -921,6 +841,7 @@ impl Role for Router {
         let mut settings = new.clone();
         settings.connpt = Vec::new();
         self.config = settings;
+        self.rules = Router::rules(&self.config);
         // Connpts by name: unchanged ones (and their devices) stay as they are.
         let wanted: HashMap<&str, &ConnptConfig> =
             new.connpt.iter().map(|c| (c.name.as_str(), c)).collect();
@@ -954,7 +875,6 @@ impl Role for Router {
         for cfg in &added {
             self.add_connpt(ctx, cfg);
         }
-        self.sort_ids();
         Reconfigure::Applied
     }
 
@@ -1141,15 +1061,16 @@ impl Role for Router {
     fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
         let link = match self.links.get_mut(&conn) {
             Some(Link::Pending(p)) => {
-                p.buf.extend_from_slice(frame.raw);
-                None
+                let outcome = p.ident.push(&self.rules, &self.ids, frame.raw, ctx.now());
+                self.settle(ctx, conn, outcome);
+                return;
             }
             Some(Link::Device(i)) => Some((true, *i)),
             Some(Link::App(i) | Link::Upstream(i)) => Some((false, *i)),
             None => return,
         };
         match link {
-            None => self.identify(ctx, conn, false),
+            None => {}
             Some((true, i)) => self.device_data(ctx, i, frame.raw),
             Some((false, i)) => self.app_data(ctx, i, frame.raw),
         }
@@ -1262,24 +1183,8 @@ impl Role for Router {
                     return;
                 };
                 p.timer = None;
-                if now >= p.id_deadline {
-                    let peer = p.peer;
-                    let seen = preview(&p.buf);
-                    self.take_pending(ctx, key);
-                    warn!(
-                        "{}: device {peer} sent no known id within {:?} (got {seen}); closing",
-                        self.config.name, self.config.id_timeout
-                    );
-                    bump(&self.stats.id_timeouts);
-                    ctx.abort(key);
-                } else if p.gap_deadline.is_some_and(|g| now >= g) {
-                    self.identify(ctx, key, true);
-                } else {
-                    let at = p
-                        .gap_deadline
-                        .map_or(p.id_deadline, |g| g.min(p.id_deadline));
-                    p.timer = Some(ctx.set_timer(at, token));
-                }
+                let outcome = p.ident.timeout(&self.rules, &self.ids, now);
+                self.settle(ctx, key, outcome);
             }
             KIND_KEEPALIVE => {
                 let Some(Link::Device(i)) = self.links.get(&key) else {
@@ -1315,15 +1220,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heartbeats_are_whole_repetitions_only() {
-        assert!(is_repetition(b"\xfe", b"\xfe"));
-        assert!(is_repetition(b"HBHBHB", b"HB"));
-        assert!(!is_repetition(b"HBH", b"HB"));
-        assert!(!is_repetition(b"HBxx", b"HB"));
-        assert!(!is_repetition(b"", b"HB"));
-    }
-
-    #[test]
     fn previews_are_text_or_hex() {
         assert_eq!(preview(b"c0001"), "\"c0001\"");
         assert_eq!(preview(b"\x01\xff"), "hex:01ff");
@@ -1334,41 +1230,5 @@ mod tests {
         assert!(!hex.text && hex.value == "hex:01ff", "{hex:?}");
         // Never ambiguous with the config's hex form.
         assert_eq!(ShownId::new(b"hex:1").value, "hex:6865783a31");
-    }
-
-    #[test]
-    fn ids_are_inline_and_bounded() {
-        assert_eq!(
-            Id::new(b"c0001").map(|i| i.as_slice().to_vec()),
-            Some(b"c0001".to_vec())
-        );
-        assert!(Id::new(&[0; crate::config::MAX_ID_LEN + 1]).is_none());
-    }
-
-    #[test]
-    fn delimiter_search() {
-        assert_eq!(find(b"c0001\r\ndata", b"\r\n"), Some(5));
-        assert_eq!(find(b"c0001\r", b"\r\n"), None);
-    }
-
-    #[test]
-    fn prefix_ambiguity_is_detected() {
-        let cfg = crate::Config::parse(
-            "[[router]]\nlisten = \"127.0.0.1:0\"\n\
-             [[router.connpt]]\nname = \"a\"\nid = \"c01\"\nlisten = \"127.0.0.1:0\"\n\
-             [[router.connpt]]\nname = \"b\"\nid = \"c012\"\nlisten = \"127.0.0.1:0\"\n\
-             [[router.connpt]]\nname = \"c\"\nid = \"b9\"\nlisten = \"127.0.0.1:0\"\n",
-        );
-        let Ok(cfg) = cfg else { panic!("config") };
-        let Some(rc) = cfg.router.first() else {
-            panic!("router")
-        };
-        let r = Router::new(rc);
-        assert!(r.extendable(b"c0"));
-        assert!(r.extendable(b"c01"), "c012 is longer");
-        assert!(!r.extendable(b"c012"));
-        assert!(!r.extendable(b"c01x"));
-        assert!(r.extendable(b"b"));
-        assert!(!r.extendable(b"zz"));
     }
 }
