@@ -626,7 +626,7 @@ impl Ctx<'_> {
     /// role writes its part ([`crate::Role::report`]) and the calling role
     /// gets the whole document in [`crate::Role::on_report`] with `conn`.
     /// Requests of one kind in one turn share one build.
-    pub fn request_report(&mut self, conn: ConnKey, kind: crate::role::ReportKind) {
+    pub fn request_report(&mut self, conn: ConnKey, kind: super::ReportKind) {
         self.core.reports.push((self.role, conn, kind));
     }
 

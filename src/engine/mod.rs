@@ -12,8 +12,10 @@ mod buffer;
 mod conn;
 mod ctx;
 mod handle;
+mod handler;
 mod logging;
 mod reload;
+pub mod report;
 mod timer;
 mod token;
 
@@ -21,10 +23,12 @@ pub use ctx::{
     ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError, View,
 };
 pub use handle::{Handle, HandleError, Message, StatsSnapshot};
+pub use handler::{OnFrameError, Reconfigure};
 pub use logging::{
     LOG_LINE_BYTES, LOG_QUEUE_LINES, LogLimit, LogSink, PREVIEW_BYTES, Preview, Suppressed,
     flush_logs, log_dropped_total,
 };
+pub use report::{Report, ReportKind};
 pub use timer::TimerKey;
 pub use token::{ConnKey, ListenerId};
 
@@ -43,7 +47,7 @@ use slab::Slab;
 
 use crate::codec::{Decoded, Decoder, FrameError, Framing};
 use crate::config::EngineConfig;
-use crate::role::{OnFrameError, ReportKind, Role};
+use crate::role::Role;
 use buffer::{BufferPool, MAX_IOV, SendQueue};
 use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, ShutWrite, State, WRITABLE};
 use handle::{Command, Shared, Stats};
@@ -917,7 +921,7 @@ impl Engine {
 
     /// One report of `kind`: the engine's figures, then each role's part.
     fn build_report(&self, kind: ReportKind) -> bytes::Bytes {
-        let mut report = crate::role::Report::new(kind, self.core.now);
+        let mut report = Report::new(kind, self.core.now);
         let uptime = self.core.now.saturating_duration_since(self.core.born);
         report.begin(uptime, &self.core.shared.stats.snapshot());
         let view = View { core: &self.core };

@@ -15,10 +15,11 @@ use std::time::Instant;
 
 use log::{error, info, warn};
 
+use super::Reconfigure;
 use super::{Ctx, Engine, RoleId};
 use crate::config::{Config, RoleConfig};
 use crate::engine::EngineError;
-use crate::role::{Reconfigure, Role};
+use crate::role::Role;
 
 /// What the engine remembers of the configuration a role runs with: its
 /// identity and a hash of it, not a copy (a router's connpt list can be

@@ -9,14 +9,14 @@ pub mod admin;
 mod admission;
 pub mod broadcast;
 pub mod echo;
-pub mod report;
 pub mod router;
 pub mod tunnel;
 
+pub use crate::engine::report::{self, Report, ReportKind};
+pub use crate::engine::{OnFrameError, Reconfigure};
 pub use admin::Admin;
 pub use broadcast::Broadcast;
 pub use echo::Echo;
-pub use report::{Report, ReportKind};
 pub use router::Router;
 pub use tunnel::{AgentState, Resolver, TunnelAgent, TunnelServer, TunnelStats};
 
@@ -28,17 +28,6 @@ use crate::codec::{Frame, FrameError};
 use crate::config::RoleConfig;
 use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey, View};
 
-/// What a role did with a changed configuration ([`Role::reconfigure`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reconfigure {
-    /// The change is in force; connections the new configuration still
-    /// allows are untouched.
-    Applied,
-    /// The role cannot change in place: the engine closes its listeners and
-    /// connections and starts a new instance.
-    Restart,
-}
-
 /// The role a configuration describes (not started).
 pub fn build(config: &RoleConfig) -> Box<dyn Role> {
     match config {
@@ -49,16 +38,6 @@ pub fn build(config: &RoleConfig) -> Box<dyn Role> {
         RoleConfig::TunnelAgent(c) => Box::new(TunnelAgent::new(c)),
         RoleConfig::Admin(c) => Box::new(Admin::new(c)),
     }
-}
-
-/// What to do after a framing error ([`Role::on_frame_error`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnFrameError {
-    /// Close the connection (reason [`CloseReason::Frame`]).
-    Close,
-    /// Skip to the next frame boundary if the framing can find one (line
-    /// framing: the next newline); otherwise close.
-    Resync,
 }
 
 /// A job served by the engine. See the crate documentation for a complete example.
