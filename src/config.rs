@@ -148,6 +148,19 @@ impl RoleConfig {
         }
     }
 
+    /// The role's own section, as [`crate::Role::reconfigure`] gets it (a
+    /// router its `RouterConfig`, and so on).
+    pub fn section(&self) -> &dyn std::any::Any {
+        match self {
+            RoleConfig::Echo(c) => c,
+            RoleConfig::Broadcast(c) => c,
+            RoleConfig::Router(c) => c,
+            RoleConfig::TunnelServer(c) => c,
+            RoleConfig::TunnelAgent(c) => c,
+            RoleConfig::Admin(c) => c,
+        }
+    }
+
     /// What identifies the role across reloads: kind and name (and for an
     /// agent, whose name is the service it asks for, also its server; for an
     /// echo, also its address).
@@ -421,7 +434,7 @@ fn default_user_timeout() -> Duration {
 }
 
 /// Longest device id, in bytes.
-pub const MAX_ID_LEN: usize = 64;
+pub const MAX_ID_LEN: usize = crate::proto::router::MAX_ID_LEN;
 
 /// Raw bytes written in config as text, or as `"hex:0a1b.."`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -105,6 +105,7 @@
 
 #![forbid(unsafe_code)]
 
+mod app;
 pub mod codec;
 pub mod config;
 pub mod engine;
@@ -117,20 +118,5 @@ pub use engine::{
     Keepalive, ListenError, ListenOptions, ListenerId, ListenerInfo, Message, RoleId, SendError,
     StatsSnapshot, TimerKey, View,
 };
-pub use role::{OnFrameError, Reconfigure, Report, ReportKind, Role};
-
-// ===== impl Engine (configuration) =====
-
-impl Engine {
-    /// An engine with every role of `config` added (not started yet).
-    ///
-    /// # Errors
-    /// If the poll instance cannot be created.
-    pub fn from_config(config: &Config) -> Result<Engine, EngineError> {
-        let mut engine = Engine::new(config.engine.clone())?;
-        for role in config.roles() {
-            engine.add_configured(role);
-        }
-        Ok(engine)
-    }
-}
+pub use engine::{Handler, OnFrameError, Reconfigure, Report, ReportKind};
+pub use role::Role;

@@ -31,7 +31,7 @@ pub struct Ctx<'a> {
     pub(crate) role: RoleId,
 }
 
-/// A read-only look at the engine for [`crate::Role::report`].
+/// A read-only look at the engine for [`crate::Handler::report`].
 pub struct View<'a> {
     pub(crate) core: &'a Core,
 }
@@ -130,7 +130,7 @@ pub struct Dropped {
 pub enum SendError {
     /// The connection's send queue has no room for these bytes. The role
     /// applies its own policy (pause the source, drop, close); the engine will
-    /// call [`crate::Role::on_writable`] once the queue has drained.
+    /// call [`crate::Handler::on_writable`] once the queue has drained.
     Full,
     /// The connection is closed, closing, or the key is stale.
     Closed,
@@ -243,7 +243,7 @@ impl Ctx<'_> {
         core.after_push(key.index as usize, r, was_empty)
     }
 
-    /// Queue `frame` — the frame being handled in this [`crate::Role::on_frame`]
+    /// Queue `frame` — the frame being handled in this [`crate::Handler::on_frame`]
     /// call — for `to`, as [`Ctx::send`] would, but move the read buffer that
     /// holds it into `to`'s queue instead of copying when that is worth it (a
     /// frame of at least a quarter buffer that is most of what was read); the
@@ -327,7 +327,7 @@ impl Ctx<'_> {
     }
 
     /// Input read from `key` but not yet decoded into a frame (a partial frame).
-    /// Also answers in [`crate::Role::on_closed`], to see what a closing peer
+    /// Also answers in [`crate::Handler::on_closed`], to see what a closing peer
     /// left unfinished. Empty for a stale key.
     pub fn pending_input(&self, key: ConnKey) -> &[u8] {
         self.core
@@ -420,7 +420,7 @@ impl Ctx<'_> {
     }
 
     /// Close `key` after its queued bytes are written (at most `engine.linger`).
-    /// The role's [`crate::Role::on_closed`] follows at the end of the turn.
+    /// The role's [`crate::Handler::on_closed`] follows at the end of the turn.
     pub fn close(&mut self, key: ConnKey) {
         let reason = match self.core.conn(key) {
             Some(c) if c.read_closed => CloseReason::PeerClosed,
@@ -472,7 +472,7 @@ impl Ctx<'_> {
         }
     }
 
-    /// Ask for [`crate::Role::on_writable`] once `key`'s send queue has
+    /// Ask for [`crate::Handler::on_writable`] once `key`'s send queue has
     /// drained (for a role that paused a sender because `key` was nearly full).
     pub fn notify_writable(&mut self, key: ConnKey) {
         let now_empty = match self.core.conn_mut(key) {
@@ -578,8 +578,8 @@ impl Ctx<'_> {
         self.core.close_listener(id.0);
     }
 
-    /// Start an outbound connection. [`crate::Role::on_connected`] or
-    /// [`crate::Role::on_connect_failed`] follows. Bytes sent before it is
+    /// Start an outbound connection. [`crate::Handler::on_connected`] or
+    /// [`crate::Handler::on_connect_failed`] follows. Bytes sent before it is
     /// connected are queued.
     ///
     /// # Errors
@@ -604,7 +604,7 @@ impl Ctx<'_> {
         Ok(key)
     }
 
-    /// Call [`crate::Role::on_timer`] with `token` at `at` (or at the next turn if
+    /// Call [`crate::Handler::on_timer`] with `token` at `at` (or at the next turn if
     /// `at` has passed).
     pub fn set_timer(&mut self, at: Instant, token: u64) -> TimerKey {
         self.core
@@ -623,8 +623,8 @@ impl Ctx<'_> {
     }
 
     /// Ask for a status or metrics report: at the end of the loop turn every
-    /// role writes its part ([`crate::Role::report`]) and the calling role
-    /// gets the whole document in [`crate::Role::on_report`] with `conn`.
+    /// role writes its part ([`crate::Handler::report`]) and the calling role
+    /// gets the whole document in [`crate::Handler::on_report`] with `conn`.
     /// Requests of one kind in one turn share one build.
     pub fn request_report(&mut self, conn: ConnKey, kind: super::ReportKind) {
         self.core.reports.push((self.role, conn, kind));

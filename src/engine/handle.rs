@@ -15,7 +15,7 @@ use mio::Waker;
 
 use super::RoleId;
 
-/// A message for a role, delivered to [`crate::Role::on_message`] on the loop thread.
+/// A message for a role, delivered to [`crate::Handler::on_message`] on the loop thread.
 pub type Message = Box<dyn Any + Send>;
 
 pub(crate) enum Command {
@@ -93,7 +93,7 @@ impl Handle {
         }
     }
 
-    /// Hand `msg` to role `role`'s [`crate::Role::on_message`] on the loop thread.
+    /// Hand `msg` to role `role`'s [`crate::Handler::on_message`] on the loop thread.
     ///
     /// # Errors
     /// [`HandleError::Full`] when the bounded inbox is full,

@@ -23,11 +23,12 @@ pub use ctx::{
     ConnectOptions, Ctx, Dropped, Keepalive, ListenError, ListenOptions, SendError, View,
 };
 pub use handle::{Handle, HandleError, Message, StatsSnapshot};
-pub use handler::{OnFrameError, Reconfigure};
+pub use handler::{Handler, OnFrameError, Reconfigure};
 pub use logging::{
     LOG_LINE_BYTES, LOG_QUEUE_LINES, LogLimit, LogSink, PREVIEW_BYTES, Preview, Suppressed,
     flush_logs, log_dropped_total,
 };
+pub(crate) use reload::RoleRecord;
 pub use report::{Report, ReportKind};
 pub use timer::TimerKey;
 pub use token::{ConnKey, ListenerId};
@@ -47,7 +48,6 @@ use slab::Slab;
 
 use crate::codec::{Decoded, Decoder, FrameError, Framing};
 use crate::config::EngineConfig;
-use crate::role::Role;
 use buffer::{BufferPool, MAX_IOV, SendQueue};
 use conn::{Conn, HUP, READABLE, Readiness, SHORT_IO_DRAINS, ShutWrite, State, WRITABLE};
 use handle::{Command, Shared, Stats};
@@ -82,7 +82,7 @@ const ENOBUFS: i32 = 105;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RoleId(pub(crate) usize);
 
-/// Why a connection closed (given to [`Role::on_closed`]).
+/// Why a connection closed (given to [`Handler::on_closed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// The peer closed its side and the engine finished with the connection.
@@ -239,11 +239,14 @@ pub(crate) struct Core {
 /// The event loop and the roles it serves.
 pub struct Engine {
     core: Core,
-    roles: Vec<Box<dyn Role>>,
-    /// The configuration each role was built from (None: added by hand).
-    role_configs: Vec<Option<reload::Applied>>,
-    /// Reloaded on SIGHUP.
-    config_path: Option<std::path::PathBuf>,
+    roles: Vec<Box<dyn Handler>>,
+    /// What each role's configuration was (None: added by hand), for the
+    /// application's reload to compare against.
+    pub(crate) role_records: Vec<Option<RoleRecord>>,
+    /// The configuration file the application reloads on SIGHUP.
+    pub(crate) config_path: Option<std::path::PathBuf>,
+    /// Called on SIGHUP and [`Handle::reload`] (the application's reload).
+    reload_hook: Option<fn(&mut Engine)>,
     events: Events,
     /// The ready list being worked on (swapped with `core.ready`).
     ready_work: Vec<usize>,
@@ -296,8 +299,9 @@ impl Engine {
         Ok(Engine {
             core,
             roles: Vec::new(),
-            role_configs: Vec::new(),
+            role_records: Vec::new(),
             config_path: None,
+            reload_hook: None,
             events: Events::with_capacity(EVENTS_CAPACITY),
             ready_work: Vec::with_capacity(initial),
             signals: None,
@@ -307,9 +311,25 @@ impl Engine {
     }
 
     /// Add a role; it starts (opens its listeners) in [`Engine::start`].
-    pub fn add_role(&mut self, role: Box<dyn Role>) -> RoleId {
+    pub fn add_role(&mut self, role: Box<dyn Handler>) -> RoleId {
         self.roles.push(role);
         RoleId(self.roles.len() - 1)
+    }
+
+    /// Roles added so far (retired ones included).
+    pub(crate) fn role_count(&self) -> usize {
+        self.roles.len()
+    }
+
+    /// The `[engine]` settings the engine runs with.
+    pub(crate) fn engine_config(&self) -> &EngineConfig {
+        &self.core.config
+    }
+
+    /// Read the clock again (work done outside the loop, such as a reload
+    /// applied directly, then sets its timers from the present).
+    pub(crate) fn refresh_now(&mut self) {
+        self.core.now = Instant::now();
     }
 
     /// Stop on SIGINT/SIGTERM (graceful) and log SIGHUP. Only the process's
@@ -874,7 +894,7 @@ impl Engine {
     }
 
     /// Run one role callback with a [`Ctx`] over the engine core.
-    fn call(&mut self, role: RoleId, f: impl FnOnce(&mut dyn Role, &mut Ctx<'_>)) {
+    pub(crate) fn call(&mut self, role: RoleId, f: impl FnOnce(&mut dyn Handler, &mut Ctx<'_>)) {
         if let Some(r) = self.roles.get_mut(role.0) {
             f(
                 r.as_mut(),

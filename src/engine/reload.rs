@@ -1,50 +1,34 @@
-//! Live reload: compare a new configuration with the running one and change
-//! only what differs.
+//! The engine's side of live reload: what it remembers of each role's
+//! configuration (an identity and a fingerprint, never the configuration
+//! itself, whose types the engine does not know), offering a role a changed
+//! configuration, and retiring a role. Deciding what changed is the
+//! application's (`crate::app`), which the engine calls through its reload
+//! hook on SIGHUP.
 //!
-//! Invariant: a role is identified across reloads by its kind and name
-//! ([`RoleConfig::identity`]). A role whose configuration is unchanged is not
-//! called at all; a changed one is asked to apply the change in place
-//! ([`crate::Role::reconfigure`]) and is restarted (its listeners and
-//! connections closed, a new instance started) only if it cannot. A retired
-//! role's slot keeps a no-op role, so timers and connection events still in
-//! flight for it land nowhere.
+//! Invariant: a retired role's slot keeps a no-op role, so timers and
+//! connection events still in flight for it land nowhere.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::PathBuf;
-use std::time::Instant;
+use std::any::Any;
 
-use log::{error, info, warn};
+use log::warn;
 
-use super::Reconfigure;
-use super::{Ctx, Engine, RoleId};
-use crate::config::{Config, RoleConfig};
-use crate::engine::EngineError;
-use crate::role::Role;
+use super::{Ctx, Engine, EngineError, Handler, Reconfigure, RoleId};
 
 /// What the engine remembers of the configuration a role runs with: its
 /// identity and a hash of it, not a copy (a router's connpt list can be
 /// tens of thousands of entries, which the role already holds in its own form).
-pub(crate) struct Applied {
-    identity: String,
-    fingerprint: u64,
-}
-
-impl Applied {
-    fn of(config: &RoleConfig) -> Applied {
-        // SipHash with fixed keys over every field of the role's config.
-        let mut h = DefaultHasher::new();
-        config.hash(&mut h);
-        Applied {
-            identity: config.identity(),
-            fingerprint: h.finish(),
-        }
-    }
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RoleRecord {
+    /// What identifies the role across reloads (kind and name).
+    pub(crate) identity: String,
+    /// A hash of every field of its configuration.
+    pub(crate) fingerprint: u64,
 }
 
 /// What a retired role's slot holds.
 struct Retired;
 
-impl Role for Retired {
+impl Handler for Retired {
     fn name(&self) -> &str {
         "retired"
     }
@@ -68,139 +52,47 @@ impl Role for Retired {
 }
 
 /// Whether a role slot holds a retired role (left out of reports).
-pub(crate) fn is_retired(role: &dyn Role) -> bool {
+pub(crate) fn is_retired(role: &dyn Handler) -> bool {
     role.kind() == RETIRED
 }
 
 const RETIRED: &str = "retired";
 
 impl Engine {
-    /// Add a role built from its configuration; a later [`Engine::reload`]
-    /// compares against it.
-    pub fn add_configured(&mut self, config: RoleConfig) -> RoleId {
-        let id = self.add_role(crate::role::build(&config));
-        self.role_configs.resize_with(self.roles.len(), || None);
-        if let Some(slot) = self.role_configs.get_mut(id.0) {
-            *slot = Some(Applied::of(&config));
-        }
-        id
+    /// Ask `hook` to apply a reload when one is asked for (SIGHUP,
+    /// [`crate::Handle::reload`]); the application layer installs it.
+    pub fn set_reload_hook(&mut self, hook: fn(&mut Engine)) {
+        self.reload_hook = Some(hook);
     }
 
-    /// Reload `path` on SIGHUP (and on [`crate::Handle::reload`]).
-    pub fn watch_config(&mut self, path: PathBuf) {
-        self.config_path = Some(path);
-    }
-
-    /// Re-read the watched file and apply it; a file that does not load or
-    /// validate leaves everything as it is (the error is logged).
+    /// SIGHUP or [`crate::Handle::reload`]: hand over to the reload hook.
     pub(crate) fn reload_watched(&mut self) {
-        let Some(path) = self.config_path.clone() else {
-            warn!("reload asked for, but no config file is watched (built-in config)");
-            return;
-        };
-        match Config::load(&path) {
-            Ok(config) => {
-                info!("reloading {}", path.display());
-                self.reload(&config);
-            }
-            Err(e) => error!("reload refused, the running config stays: {e}"),
+        match self.reload_hook {
+            Some(hook) => hook(self),
+            None => warn!("reload asked for, but there is nothing to reload (no config file)"),
         }
     }
 
-    /// Apply `config` to the running engine: start roles that are new, stop
-    /// those that are gone, let changed ones update in place (or restart
-    /// them), leave unchanged ones alone. `[engine]` settings are not changed
-    /// live (a warning says so). Roles added with [`Engine::add_role`] rather
-    /// than from configuration are never touched.
-    pub fn reload(&mut self, config: &Config) {
-        let t0 = Instant::now();
-        self.core.now = t0;
-        if config.engine != self.core.config {
-            warn!("reload: [engine] settings changed; they apply at the next restart");
-        }
-        let (mut started, mut updated, mut restarted, mut stopped) = (0, 0, 0, 0);
-        let wanted = config.roles();
-        let identities: Vec<String> = wanted.iter().map(RoleConfig::identity).collect();
-        // Stop what is gone first, so a new role may take over its address.
-        for i in 0..self.role_configs.len() {
-            let gone = match &self.role_configs[i] {
-                Some(c) if !identities.contains(&c.identity) => {
-                    info!("reload: {} removed; stopping it", c.identity);
-                    true
-                }
-                _ => false,
-            };
-            if gone {
-                self.retire(RoleId(i));
-                stopped += 1;
-            }
-        }
-        // Then change what changed (ports an in-place change gives up are
-        // free before anything new binds), and only then start new roles.
-        let mut to_start = Vec::new();
-        for (new, identity) in wanted.into_iter().zip(identities) {
-            let found = self
-                .role_configs
-                .iter()
-                .position(|c| c.as_ref().is_some_and(|c| c.identity == identity));
-            let Some(i) = found else {
-                to_start.push(new);
-                started += 1;
-                continue;
-            };
-            let applied = Applied::of(&new);
-            if self
-                .role_configs
-                .get(i)
-                .and_then(Option::as_ref)
-                .is_some_and(|c| c.fingerprint == applied.fingerprint)
-            {
-                continue;
-            }
-            let mut outcome = Reconfigure::Restart;
-            self.call(RoleId(i), |r, ctx| outcome = r.reconfigure(ctx, &new));
-            match outcome {
-                Reconfigure::Applied => {
-                    info!("reload: {identity} updated in place");
-                    self.role_configs[i] = Some(applied);
-                    updated += 1;
-                }
-                Reconfigure::Restart => {
-                    info!("reload: {identity} changed; restarting it");
-                    self.retire(RoleId(i));
-                    to_start.push(new);
-                    restarted += 1;
-                }
-            }
-        }
-        for new in to_start {
-            self.start_configured(new);
-        }
-        info!(
-            "reload done in {:?}: {started} started, {updated} updated in place, {restarted} restarted, {stopped} stopped",
-            t0.elapsed()
-        );
+    /// Offer role `id` a changed configuration `new` (its own type, which
+    /// the role downcasts: see [`Handler::reconfigure`]).
+    pub fn reconfigure_role(&mut self, id: RoleId, new: &dyn Any) -> Reconfigure {
+        let mut outcome = Reconfigure::Restart;
+        self.call(id, |r, ctx| outcome = r.reconfigure(ctx, new));
+        outcome
     }
 
-    fn start_configured(&mut self, config: RoleConfig) {
-        let identity = config.identity();
-        let id = self.add_configured(config);
+    /// Start role `id` if the engine runs already (a role added by a reload).
+    pub(crate) fn start_late(&mut self, id: RoleId) -> Result<(), EngineError> {
         if !self.started {
-            return;
+            return Ok(());
         }
         let mut result = Ok(());
         self.call(id, |r, ctx| result = r.start(ctx));
-        match result {
-            Ok(()) => info!("reload: {identity} started"),
-            Err(e) => {
-                error!("reload: {identity} could not start: {e}");
-                self.retire(id);
-            }
-        }
+        result
     }
 
     /// Close a role's listeners and connections and leave a no-op in its slot.
-    fn retire(&mut self, id: RoleId) {
+    pub(crate) fn retire(&mut self, id: RoleId) {
         let listeners: Vec<usize> = self
             .core
             .listeners
@@ -224,7 +116,7 @@ impl Engine {
         if let Some(slot) = self.roles.get_mut(id.0) {
             *slot = Box::new(Retired);
         }
-        if let Some(c) = self.role_configs.get_mut(id.0) {
+        if let Some(c) = self.role_records.get_mut(id.0) {
             *c = None;
         }
     }

@@ -4,8 +4,8 @@
 //! what they decide; the cores are tested and fuzzed on their own, in
 //! microseconds and deterministically.
 //!
-//! Layering: `proto` uses `codec` and `config`'s plain values only; it never
-//! imports `engine` or `role`.
+//! Layering: `proto` may use `codec`; it never imports `engine`, `role`,
+//! `config` or `app`.
 
 pub mod admin;
 pub mod router;

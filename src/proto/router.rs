@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 
 /// The longest id a connpt can have (bytes).
-pub const MAX_ID_LEN: usize = crate::config::MAX_ID_LEN;
+pub const MAX_ID_LEN: usize = 64;
 
 /// An id as inline bytes: no heap, fixed size ([`MAX_ID_LEN`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

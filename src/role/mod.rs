@@ -1,7 +1,7 @@
-//! Roles: the jobs the engine does, written sans-IO against [`Ctx`].
+//! Roles: the jobs the engine does, written sans-IO against [`crate::Ctx`].
 //!
 //! Invariant: a role owns its own tables and refers to connections only by
-//! [`ConnKey`]; the engine owns every socket and calls the role with events.
+//! [`crate::ConnKey`]; the engine owns every socket and calls the role with events.
 //! Callbacks run on the loop thread and must not block: anything slow is a
 //! timer or a message from another thread ([`crate::Handle::send`]).
 
@@ -12,6 +12,9 @@ pub mod echo;
 pub mod router;
 pub mod tunnel;
 
+/// A role is an engine [`crate::engine::Handler`]: the name the roles and
+/// their documentation use.
+pub use crate::engine::Handler as Role;
 pub use crate::engine::report::{self, Report, ReportKind};
 pub use crate::engine::{OnFrameError, Reconfigure};
 pub use admin::Admin;
@@ -20,13 +23,7 @@ pub use echo::Echo;
 pub use router::Router;
 pub use tunnel::{AgentState, Resolver, TunnelAgent, TunnelServer, TunnelStats};
 
-use std::net::SocketAddr;
-
-use bytes::Bytes;
-
-use crate::codec::{Frame, FrameError};
 use crate::config::RoleConfig;
-use crate::engine::{CloseReason, ConnKey, Ctx, EngineError, ListenerId, Message, TimerKey, View};
 
 /// The role a configuration describes (not started).
 pub fn build(config: &RoleConfig) -> Box<dyn Role> {
@@ -37,131 +34,5 @@ pub fn build(config: &RoleConfig) -> Box<dyn Role> {
         RoleConfig::TunnelServer(c) => Box::new(TunnelServer::new(c)),
         RoleConfig::TunnelAgent(c) => Box::new(TunnelAgent::new(c)),
         RoleConfig::Admin(c) => Box::new(Admin::new(c)),
-    }
-}
-
-/// A job served by the engine. See the crate documentation for a complete example.
-///
-/// Every callback gets a [`Ctx`] to queue bytes, close connections, pause and
-/// resume reading, open listeners and connections, and set timers. All
-/// callbacks but [`Role::name`], [`Role::start`] and [`Role::on_frame`] have
-/// default implementations that do nothing (or the obvious thing).
-pub trait Role: Send {
-    /// A short name for logs and listings.
-    fn name(&self) -> &str;
-
-    /// Open listeners and initial connections.
-    ///
-    /// # Errors
-    /// Whatever prevents the role from running, typically a
-    /// [`crate::ListenError`] converted with `?`.
-    fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError>;
-
-    /// A connection was accepted on one of this role's listeners.
-    fn on_accept(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        listener: ListenerId,
-        conn: ConnKey,
-        peer: SocketAddr,
-    ) {
-        let _ = (ctx, listener, conn, peer);
-    }
-
-    /// An outbound connection from [`Ctx::connect`] is established.
-    fn on_connected(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
-        let _ = (ctx, conn);
-    }
-
-    /// An outbound connection failed or timed out before it was established.
-    fn on_connect_failed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
-        let _ = (ctx, conn, reason);
-    }
-
-    /// A whole frame arrived. `frame` borrows the connection's read buffer and
-    /// is valid only during the call; copy it with [`Ctx::send`] or into a
-    /// `Bytes` to keep it.
-    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>);
-
-    /// The frames from one read of `conn` have all been handed to
-    /// [`Role::on_frame`]: a role that batches per read (one shared buffer
-    /// for many records) sends the batch here.
-    fn on_input_done(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
-        let _ = (ctx, conn);
-    }
-
-    /// The input broke the connection's framing (a frame longer than its
-    /// maximum). The default closes the connection; a role may ask to
-    /// resynchronise instead, which line framing supports (the rest of the
-    /// over-long line is skipped up to its newline).
-    fn on_frame_error(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        conn: ConnKey,
-        error: FrameError,
-    ) -> OnFrameError {
-        let _ = (ctx, conn, error);
-        OnFrameError::Close
-    }
-
-    /// The peer shut down its sending side (EOF). The default closes the
-    /// connection once its queue is flushed; a role that supports half-close
-    /// can keep writing instead.
-    fn on_read_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
-        ctx.close(conn);
-    }
-
-    /// The connection's send queue has drained completely after it had passed
-    /// half its bound, refused a send, or reading was paused.
-    fn on_writable(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
-        let _ = (ctx, conn);
-    }
-
-    /// The connection is gone; its key is stale from now on. After a graceful
-    /// close this comes once the queue is flushed and FIN sent; the engine
-    /// alone then reads the peer's input away until it closes too.
-    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
-        let _ = (ctx, conn, reason);
-    }
-
-    /// A timer set with [`Ctx::set_timer`] fired.
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, token: u64) {
-        let _ = (ctx, timer, token);
-    }
-
-    /// A message from another thread ([`crate::Handle::send`]).
-    fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
-        let _ = (ctx, msg);
-    }
-
-    /// Live reload: the role's configuration changed (it is never called
-    /// with an unchanged one). Apply what can change in place and return
-    /// [`Reconfigure::Applied`], leaving alone every connection the new
-    /// configuration still allows; the default asks for a restart.
-    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &RoleConfig) -> Reconfigure {
-        let _ = (ctx, new);
-        Reconfigure::Restart
-    }
-
-    /// The role's kind for reports (`"echo"`, `"router"`, ...).
-    fn kind(&self) -> &str {
-        "custom"
-    }
-
-    /// Write this role's part of a status or metrics report: the role's
-    /// JSON object is open, and metric samples get its kind and name as labels.
-    fn report(&self, view: &View<'_>, out: &mut Report) {
-        let _ = (view, out);
-    }
-
-    /// A report asked for with [`Ctx::request_report`] is ready.
-    fn on_report(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, kind: ReportKind, body: Bytes) {
-        let _ = (ctx, conn, kind, body);
-    }
-
-    /// The engine is stopping: listeners are already closed and every
-    /// connection will be closed after flushing. Roles may queue final bytes.
-    fn on_shutdown(&mut self, ctx: &mut Ctx<'_>) {
-        let _ = ctx;
     }
 }

@@ -11,6 +11,7 @@
 //! per connpt, recent unknown ids). An identified idle device costs its engine
 //! connection plus one small table entry.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use hashbrown::HashMap;
 use log::{debug, error, info, warn};
 
 use crate::codec::Frame;
-use crate::config::{ConnptConfig, Duplicate, Identity, Offline, RoleConfig, RouterConfig};
+use crate::config::{ConnptConfig, Duplicate, Identity, Offline, RouterConfig};
 use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, LogLimit,
     SendError, Suppressed, TimerKey, View,
@@ -831,8 +832,8 @@ impl Role for Router {
         "router"
     }
 
-    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &RoleConfig) -> Reconfigure {
-        let RoleConfig::Router(new) = new else {
+    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &dyn Any) -> Reconfigure {
+        let Some(new) = new.downcast_ref::<RouterConfig>() else {
             return Reconfigure::Restart;
         };
         if new.listen != self.config.listen || new.identity != self.config.identity {

@@ -5,6 +5,7 @@
 //! service; the public listener belongs to the service and is closed when
 //! its link goes down (a takeover hands it to the new link without closing).
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +19,6 @@ use crate::codec::tunnel::{
     self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
 };
 use crate::codec::{Frame, Framing};
-use crate::config::RoleConfig;
 use crate::config::TunnelServerConfig;
 use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, LogLimit, Preview,
@@ -602,8 +602,8 @@ impl Role for TunnelServer {
         "tunnel_server"
     }
 
-    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &RoleConfig) -> Reconfigure {
-        let RoleConfig::TunnelServer(new) = new else {
+    fn reconfigure(&mut self, ctx: &mut Ctx<'_>, new: &dyn Any) -> Reconfigure {
+        let Some(new) = new.downcast_ref::<TunnelServerConfig>() else {
             return Reconfigure::Restart;
         };
         let mut old_settings = self.config.clone();
