@@ -726,7 +726,6 @@ impl Engine {
                 break;
             }
             let space = rx.space();
-            let asked = space.len();
             if space.is_empty() {
                 // Validation keeps every bounded frame within one buffer, so a
                 // full buffer that decodes nothing is a framing error.
@@ -737,6 +736,8 @@ impl Engine {
                 );
                 break;
             }
+            let asked = c.read_len(space.len());
+            let space = space.get_mut(..asked).unwrap_or_default();
             match c.sock.read(space) {
                 Ok(0) => {
                     c.read_closed = true;
@@ -748,6 +749,9 @@ impl Engine {
                     trace!("{key} read {n} bytes");
                     if SHORT_IO_DRAINS && n < asked && c.readiness.event & HUP == 0 {
                         c.readiness.event &= !READABLE;
+                    }
+                    if n == asked {
+                        c.filled_read();
                     }
                     rx.fill(n);
                     budget -= 1;
@@ -1469,6 +1473,8 @@ impl Core {
             decoder: Decoder::new(framing),
             rx: None,
             tx: SendQueue::new(queue_bytes.unwrap_or(self.config.queue_bytes)),
+            mss: 0,
+            mss_due: 0,
             peer,
             last_active: self.now,
             idle_timeout: None,
