@@ -127,6 +127,16 @@ impl Conn {
         self.state == State::Open && !self.read_closed && self.readiness.interest & READABLE != 0
     }
 
+    /// Take the engine's timers of the connection (idle, connect or linger,
+    /// stall), for the caller to cancel.
+    pub(crate) fn take_timers(&mut self) -> [Option<TimerKey>; 3] {
+        [
+            self.idle_timer.take(),
+            self.aux_timer.take(),
+            self.stall_timer.take(),
+        ]
+    }
+
     /// Whether the role may still use the connection: not closed, and not
     /// draining after a close the role has been told of.
     pub(crate) fn is_live(&self) -> bool {

@@ -1360,14 +1360,7 @@ impl Core {
         Stats::add(&self.shared.stats.draining, 1);
         c.readiness.interest &= !READABLE;
         c.tx.release(&mut self.pool);
-        for t in [
-            c.idle_timer.take(),
-            c.aux_timer.take(),
-            c.stall_timer.take(),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for t in c.take_timers().into_iter().flatten() {
             self.timers.cancel(t);
         }
         let t = self.timers.insert(now + linger, TimerOwner::Linger(key));
@@ -1545,14 +1538,7 @@ impl Core {
         c.reason = reason;
         c.state = State::Closed;
         c.tx.clear(&mut self.pool);
-        for t in [
-            c.idle_timer.take(),
-            c.aux_timer.take(),
-            c.stall_timer.take(),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for t in c.take_timers().into_iter().flatten() {
             self.timers.cancel(t);
         }
         self.closed.push(idx);
