@@ -384,6 +384,18 @@ impl Report {
     }
 }
 
+/// `s` escaped as the inside of a JSON string, as a status report writes
+/// every name and id (public for the `report_escaping` fuzz target).
+pub fn escape_json(s: &str, out: &mut String) {
+    push_json(out, s);
+}
+
+/// `s` escaped as a Prometheus label value, as a metrics report writes
+/// every label (public for the `report_escaping` fuzz target).
+pub fn escape_label(s: &str, out: &mut String) {
+    let _ = write!(out, "{}", EscLabel(s));
+}
+
 /// `s` as the inside of a JSON string; most text (names, ids) needs no
 /// escaping and is copied as it is. Reports for large configurations are
 /// mostly such fields, so this and [`push_u64`] keep their cost down.
