@@ -2,8 +2,8 @@
 //! configuration (an identity and a fingerprint, never the configuration
 //! itself, whose types the engine does not know), offering a role a changed
 //! configuration, and retiring a role. Deciding what changed is the
-//! application's (`crate::app`), which the engine calls through its reload
-//! hook on SIGHUP.
+//! application layer's job (src/app), which the engine calls through its
+//! reload hook on SIGHUP.
 //!
 //! Invariant: a retired role's slot keeps a no-op role, so timers and
 //! connection events still in flight for it land nowhere.

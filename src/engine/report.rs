@@ -66,13 +66,13 @@ impl Report {
     }
 
     pub(crate) fn set_role_labels(&mut self, kind: &str, name: &str) {
-        self.role_labels.clear();
-        let _ = write!(
-            self.role_labels,
-            "role=\"{}\",name=\"{}\"",
-            EscLabel(kind),
-            EscLabel(name)
-        );
+        let labels = &mut self.role_labels;
+        labels.clear();
+        labels.push_str("role=\"");
+        push_escaped(labels, kind, Escape::Label);
+        labels.push_str("\",name=\"");
+        push_escaped(labels, name, Escape::Label);
+        labels.push('"');
     }
 
     // ----- JSON -----
@@ -90,7 +90,7 @@ impl Report {
     fn key(&mut self, key: &str) {
         self.sep();
         self.out.push('"');
-        push_json(&mut self.out, key);
+        push_escaped(&mut self.out, key, Escape::Json);
         self.out.push_str("\":");
     }
 
@@ -141,7 +141,7 @@ impl Report {
         if self.kind == ReportKind::Status {
             self.key(key);
             self.out.push('"');
-            push_json(&mut self.out, value);
+            push_escaped(&mut self.out, value, Escape::Json);
             self.out.push('"');
         }
     }
@@ -244,7 +244,9 @@ impl Report {
         let lines = self.family(name, kind, help);
         let _ = write!(lines, "{name}{{{role_labels}");
         for (k, val) in labels {
-            let _ = write!(lines, ",{k}=\"{}\"", EscLabel(val));
+            let _ = write!(lines, ",{k}=\"");
+            push_escaped(lines, val, Escape::Label);
+            lines.push('"');
         }
         let _ = writeln!(lines, "}} {v}");
         self.role_labels = role_labels;
@@ -387,24 +389,13 @@ impl Report {
 /// `s` escaped as the inside of a JSON string, as a status report writes
 /// every name and id (public for the `report_escaping` fuzz target).
 pub fn escape_json(s: &str, out: &mut String) {
-    push_json(out, s);
+    push_escaped(out, s, Escape::Json);
 }
 
 /// `s` escaped as a Prometheus label value, as a metrics report writes
 /// every label (public for the `report_escaping` fuzz target).
 pub fn escape_label(s: &str, out: &mut String) {
-    let _ = write!(out, "{}", EscLabel(s));
-}
-
-/// `s` as the inside of a JSON string; most text (names, ids) needs no
-/// escaping and is copied as it is. Reports for large configurations are
-/// mostly such fields, so this and [`push_u64`] keep their cost down.
-fn push_json(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push_str(s);
-    } else {
-        let _ = write!(out, "{}", EscJson(s));
-    }
+    push_escaped(out, s, Escape::Label);
 }
 
 /// A decimal number, without the formatting machinery.
@@ -426,40 +417,44 @@ fn push_u64(out: &mut String, mut v: u64) {
     }
 }
 
-/// JSON string escaping.
-struct EscJson<'a>(&'a str);
+/// The text format a value is escaped for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    /// The inside of a JSON string.
+    Json,
+    /// A Prometheus label value.
+    Label,
+}
 
-impl std::fmt::Display for EscJson<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '"' => f.write_str("\\\"")?,
-                '\\' => f.write_str("\\\\")?,
-                '\n' => f.write_str("\\n")?,
-                '\r' => f.write_str("\\r")?,
-                '\t' => f.write_str("\\t")?,
-                c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
-                c => f.write_char(c)?,
+/// `s` escaped for `to`, character by character.
+fn escape_each(out: &mut String, s: &str, to: Escape) {
+    for c in s.chars() {
+        match (c, to) {
+            ('"', _) => out.push_str("\\\""),
+            ('\\', _) => out.push_str("\\\\"),
+            ('\n', _) => out.push_str("\\n"),
+            ('\r', Escape::Json) => out.push_str("\\r"),
+            ('\t', Escape::Json) => out.push_str("\\t"),
+            (c, Escape::Json) if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
             }
+            (c, _) => out.push(c),
         }
-        Ok(())
     }
 }
 
-/// Prometheus label value escaping.
-struct EscLabel<'a>(&'a str);
-
-impl std::fmt::Display for EscLabel<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '"' => f.write_str("\\\"")?,
-                '\\' => f.write_str("\\\\")?,
-                '\n' => f.write_str("\\n")?,
-                c => f.write_char(c)?,
-            }
-        }
-        Ok(())
+/// `s` escaped for `to`; most text (names, ids) needs no escaping and is
+/// copied as it is. Reports for large configurations are mostly such
+/// fields, so this and [`push_u64`] keep their cost down.
+fn push_escaped(out: &mut String, s: &str, to: Escape) {
+    let plain = |b: u8| match to {
+        Escape::Json => b >= 0x20 && b != b'"' && b != b'\\',
+        Escape::Label => b != b'"' && b != b'\\' && b != b'\n',
+    };
+    if s.bytes().all(plain) {
+        out.push_str(s);
+    } else {
+        escape_each(out, s, to);
     }
 }
 
@@ -511,8 +506,10 @@ mod tests {
         }
         for text in ["plain id", "", "tab\there", "quote\"", "back\\slash", "ünï"] {
             let mut s = String::new();
-            push_json(&mut s, text);
-            assert_eq!(s, EscJson(text).to_string());
+            push_escaped(&mut s, text, Escape::Json);
+            let mut each = String::new();
+            escape_each(&mut each, text, Escape::Json);
+            assert_eq!(s, each);
         }
     }
 
