@@ -16,42 +16,20 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 use log::{debug, info, warn};
 
-use super::auth::{self, Rng, Transcript};
-use super::{Mux, Settings, Slot, TunnelStats, bump, heartbeat, link_keepalive, send_frame, token};
-use crate::codec::tunnel::{
-    self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
-};
+use super::rng::Rng;
+use super::{Links, link_keepalive, report_stats, token};
+use crate::codec::tunnel::ext;
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelAgentConfig;
 use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, LogLimit, Message, Preview, Suppressed,
     TimerKey, View,
 };
+use crate::proto::tunnel::stats::bump;
+use crate::proto::tunnel::{
+    AgentHello, AgentState, Failure, Incoming, LinkEvent, Session, Settings, TunnelStats,
+};
 use crate::role::{Report, Role};
-
-/// Where the agent's link is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentState {
-    /// Waiting to reconnect (or resolving the server's name).
-    Waiting,
-    /// TCP connect in progress.
-    Connecting,
-    /// LISTEN sent; waiting for HELLO (or, from a base server, a CONNECT).
-    Handshake,
-    /// Streams flow.
-    Up,
-}
-
-impl fmt::Display for AgentState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AgentState::Waiting => "waiting",
-            AgentState::Connecting => "connecting",
-            AgentState::Handshake => "handshake",
-            AgentState::Up => "up",
-        })
-    }
-}
 
 /// The public client of a stream, as the server named it (PEER_ADDR).
 struct Client(Option<SocketAddr>);
@@ -99,20 +77,10 @@ fn lookup(resolve: &Resolver, name: &str) -> Result<Vec<SocketAddr>, String> {
     }
 }
 
-struct AgentLink {
-    /// Extension bits asked for, then granted.
-    flags: u16,
-    nonce: [u8; NONCE_LEN],
-    server_nonce: [u8; NONCE_LEN],
-    peer_window: u32,
-    /// HELLO seen (an extended server); READY expected next.
-    hello: bool,
-}
-
 /// The `tunnel_agent` role.
 pub struct TunnelAgent {
     config: TunnelAgentConfig,
-    mux: Mux<AgentLink>,
+    mux: Links<()>,
     /// How `server` and `local` are resolved when they are names.
     resolver: Resolver,
     /// `server` / `local` is a host name (resolved before each dial), not an address.
@@ -130,8 +98,6 @@ pub struct TunnelAgent {
     /// While `local` has several addresses: local connects in progress and
     /// the index of the address each one tries (at most `max_streams`).
     local_pending: HashMap<ConnKey, usize>,
-    /// The deadline of the link's handshake (from TCP connect until up).
-    handshake_timer: Option<TimerKey>,
     link: Option<usize>,
     link_conn: Option<ConnKey>,
     state: AgentState,
@@ -146,7 +112,6 @@ pub struct TunnelAgent {
     fail_reason: Option<String>,
     /// Warnings the server can repeat: one line per kind per second.
     warn_refused: LogLimit,
-    warn_reused: LogLimit,
     warn_local: LogLimit,
 }
 
@@ -156,17 +121,18 @@ impl TunnelAgent {
         let server_addrs: Vec<SocketAddr> = config.server.parse().ok().into_iter().collect();
         let local_addrs: Vec<SocketAddr> = config.local.parse().ok().into_iter().collect();
         TunnelAgent {
-            mux: Mux::new(
+            mux: Links::new(
                 Settings {
                     window: config.window,
                     max_window: config.max_window,
                     link_window: config.link_window,
                     max_data: config.max_data,
                     max_streams: config.max_streams,
-                    stall_timeout: config.stall_timeout,
                     quarantine: None,
+                    handshake_timeout: config.handshake_timeout,
+                    heartbeat_interval: config.heartbeat_interval,
                 },
-                Arc::new(TunnelStats::default()),
+                config.stall_timeout,
             ),
             resolver: Arc::new(system_resolve),
             server_is_name: server_addrs.is_empty(),
@@ -177,7 +143,6 @@ impl TunnelAgent {
             local_addrs,
             local_next: 0,
             local_pending: HashMap::new(),
-            handshake_timer: None,
             link: None,
             link_conn: None,
             state: AgentState::Waiting,
@@ -188,7 +153,6 @@ impl TunnelAgent {
             stopping: false,
             fail_reason: None,
             warn_refused: LogLimit::default(),
-            warn_reused: LogLimit::default(),
             warn_local: LogLimit::default(),
             config: config.clone(),
         }
@@ -291,17 +255,8 @@ impl TunnelAgent {
         };
         let conn = ctx.connect(addr, opts)?;
         let now = ctx.now();
-        let li = self.mux.add_link(
-            conn,
-            now,
-            AgentLink {
-                flags: 0,
-                nonce: [0; NONCE_LEN],
-                server_nonce: [0; NONCE_LEN],
-                peer_window: 0,
-                hello: false,
-            },
-        );
+        let session = Session::agent(self.mux.settings, Arc::clone(&self.mux.stats), now);
+        let li = self.mux.add(ctx, conn, session, ());
         self.link = Some(li);
         self.link_conn = Some(conn);
         self.link_addr = Some(addr);
@@ -399,13 +354,7 @@ impl TunnelAgent {
 
     /// The server has not finished the handshake within `handshake_timeout`:
     /// drop the link (counted); [`Role::on_closed`] redials with back-off.
-    fn handshake_expired(&mut self, ctx: &mut Ctx<'_>, li: usize) {
-        let Some(conn) = self.link_conn.filter(|_| self.link == Some(li)) else {
-            return;
-        };
-        if self.mux.links.get(li).is_none_or(|l| l.up) {
-            return;
-        }
+    fn handshake_expired(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
         bump(&self.mux.stats.handshake_timeouts_total);
         let at = self
             .link_addr
@@ -419,51 +368,63 @@ impl TunnelAgent {
         ctx.abort(conn);
     }
 
+    /// The TCP connection is up: LISTEN (the session starts its deadline).
     fn send_listen(&mut self, ctx: &mut Ctx<'_>, li: usize) {
+        let hello = AgentHello {
+            extensions: self.config.extensions,
+            token: self.config.token.as_ref().map(|t| t.as_bytes().to_vec()),
+            name: self.config.name.as_bytes().to_vec(),
+            nonce: self.rng.nonce(),
+        };
+        let now = ctx.now();
         let Some(link) = self.mux.links.get_mut(li) else {
             return;
         };
-        let conn = link.conn;
-        if !self.config.extensions {
-            if send_frame(ctx, conn, Command::Listen, 0, &[]) {
-                self.link_up(ctx, li, 0, 0);
-            }
-            return;
-        }
-        let mut flags = ext::ALL;
-        if self.config.token.is_none() {
-            flags &= !ext::AUTH;
-        }
-        let nonce = self.rng.nonce();
-        link.extra.flags = flags;
-        link.extra.nonce = nonce;
-        let req = ListenRequest {
-            flags,
-            window: self.config.window,
-            nonce,
-            name: self.config.name.as_bytes(),
-        };
-        let mut payload = Vec::with_capacity(ListenRequest::encoded_len(req.name.len()));
-        if req.encode(&mut payload).is_some() && send_frame(ctx, conn, Command::Listen, 0, &payload)
-        {
+        link.session.start(hello, now);
+        let up = link.session.is_up();
+        if self.mux.drive(ctx, li) && !up {
             self.set_state(AgentState::Handshake, None, 0);
+        }
+        self.link_events(ctx, li);
+    }
+
+    /// The session reports the link up, or lost.
+    fn link_events(&mut self, ctx: &mut Ctx<'_>, li: usize) {
+        while let Some(event) = self
+            .mux
+            .links
+            .get_mut(li)
+            .and_then(|l| l.session.poll_link_event())
+        {
+            let Some(conn) = self.mux.links.get(li).map(|l| l.conn) else {
+                return;
+            };
+            match event {
+                LinkEvent::Up { flags } => self.link_up(ctx, conn, flags),
+                LinkEvent::HandshakeTimeout => self.handshake_expired(ctx, conn),
+                LinkEvent::Failed(why @ Failure::CreditOverflow { .. }) => {
+                    warn!("{conn}: {why}; closing the link");
+                    ctx.abort(conn);
+                }
+                LinkEvent::Failed(Failure::Rejected { code, text }) => {
+                    let why = Failure::Rejected {
+                        code,
+                        text: Vec::new(),
+                    };
+                    let msg = format!("{why} ({})", Preview(&text));
+                    self.fail(ctx, conn, &msg);
+                }
+                LinkEvent::Failed(why) => self.fail(ctx, conn, &why.to_string()),
+            }
         }
     }
 
-    fn link_up(&mut self, ctx: &mut Ctx<'_>, li: usize, flags: u16, peer_window: u32) {
+    fn link_up(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, flags: u16) {
         let now = ctx.now();
-        if let Some(t) = self.handshake_timer.take() {
-            ctx.cancel_timer(t);
-        }
-        self.mux.link_up(li, flags, peer_window, now);
         self.up_since = Some(now);
         self.set_state(AgentState::Up, None, flags);
-        let Some(link) = self.mux.links.get_mut(li) else {
-            return;
-        };
         if flags & ext::HEARTBEAT != 0 {
-            ctx.set_idle_timeout(link.conn, Some(self.config.heartbeat_timeout));
-            heartbeat(ctx, link, li, self.config.heartbeat_interval);
+            ctx.set_idle_timeout(conn, Some(self.config.heartbeat_timeout));
         }
         let mode = if flags == 0 {
             "base protocol"
@@ -485,122 +446,16 @@ impl TunnelAgent {
         ctx.close(conn);
     }
 
-    fn on_hello(&mut self, ctx: &mut Ctx<'_>, li: usize, conn: ConnKey, payload: &[u8]) {
-        let Some(link) = self.mux.links.get_mut(li) else {
-            return;
-        };
-        let Some(hello) = Hello::parse(payload) else {
-            bump(&self.mux.stats.malformed_total);
-            self.fail(ctx, conn, "malformed HELLO");
-            return;
-        };
-        if hello.flags & !link.extra.flags != 0 {
-            self.fail(
-                ctx,
-                conn,
-                "the server granted extensions that were not asked for",
-            );
-            return;
-        }
-        link.extra.hello = true;
-        link.extra.flags = hello.flags;
-        link.extra.server_nonce = hello.nonce;
-        link.extra.peer_window = hello.window;
-        if hello.flags & ext::AUTH == 0 {
-            return; // READY (empty) follows.
-        }
-        let Some(token) = self.config.token.as_deref() else {
-            self.fail(
-                ctx,
-                conn,
-                "the server asks for a token and none is configured",
-            );
-            return;
-        };
-        let t = Transcript {
-            agent_nonce: &link.extra.nonce,
-            server_nonce: &hello.nonce,
-            flags: hello.flags,
-            name: self.config.name.as_bytes(),
-        };
-        let tag = auth::agent_tag(token.as_bytes(), &t);
-        send_frame(ctx, conn, Command::Auth, 0, &tag);
-    }
-
-    fn on_ready(&mut self, ctx: &mut Ctx<'_>, li: usize, conn: ConnKey, payload: &[u8]) {
-        let Some(link) = self.mux.links.get(li) else {
-            return;
-        };
-        let x = &link.extra;
-        if !x.hello {
-            bump(&self.mux.stats.malformed_total);
-            return;
-        }
-        if x.flags & ext::AUTH != 0 {
-            let token = self.config.token.as_deref().unwrap_or_default();
-            let t = Transcript {
-                agent_nonce: &x.nonce,
-                server_nonce: &x.server_nonce,
-                flags: x.flags,
-                name: self.config.name.as_bytes(),
-            };
-            if !auth::verify_server(token.as_bytes(), &t, payload) {
-                bump(&self.mux.stats.auth_failed_total);
-                self.fail(ctx, conn, "the server could not prove it knows the token");
-                return;
-            }
-        } else if self.config.token.is_some() {
-            self.fail(ctx, conn, "the server did not ask for the token");
-            return;
-        }
-        let (flags, window) = (x.flags, x.peer_window);
-        self.link_up(ctx, li, flags, window);
-    }
-
-    fn on_connect(&mut self, ctx: &mut Ctx<'_>, li: usize, id: u8, payload: &[u8]) {
-        let Some(link) = self.mux.links.get(li) else {
-            return;
-        };
-        let link_conn = link.conn;
-        let (client, target) = if link.has(ext::PEER_ADDR) {
-            match tunnel::parse_peer(payload) {
-                Some((peer, target)) => (Some(peer), target),
-                None => {
-                    bump(&self.mux.stats.malformed_total);
-                    (None, payload)
-                }
-            }
-        } else {
-            (None, payload)
-        };
-        match self.mux.id_state(li, id) {
-            Some(Slot::Free) => {}
-            Some(Slot::Open(s)) => {
-                // A base server that reused an id we still hold: its CLOSE
-                // must have been lost; the old stream cannot continue.
-                let old = s.conn;
-                if let Some(n) = self.warn_reused.check(ctx.now()) {
-                    warn!(
-                        "{}: CONNECT for id {id}, still open; closing the old stream{}",
-                        self.label(),
-                        Suppressed(n)
-                    );
-                }
-                ctx.abort(old);
-                self.mux.on_stream_closed(ctx, old);
-            }
-            _ => {
-                bump(&self.mux.stats.malformed_total);
-                if let Some(n) = self.warn_reused.check(ctx.now()) {
-                    warn!(
-                        "{}: CONNECT for id {id} before its CLOSE was acknowledged; ignored{}",
-                        self.label(),
-                        Suppressed(n)
-                    );
-                }
-                return;
-            }
-        }
+    /// A CONNECT the session accepted the id of: connect to the target, if
+    /// it is allowed and `max_streams` leaves room; else refuse (CLOSE).
+    fn on_connect(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        li: usize,
+        id: u8,
+        client: Option<SocketAddr>,
+        target: &[u8],
+    ) {
         let from = Client(client);
         let target_addr = self.target(target);
         let Some((addr, is_local)) = target_addr else {
@@ -613,14 +468,14 @@ impl TunnelAgent {
                     Suppressed(n)
                 );
             }
-            self.refuse_stream(ctx, li, id, link_conn);
+            self.mux.refuse_stream(ctx, li, id);
             return;
         };
         if self
             .mux
             .links
             .get(li)
-            .is_some_and(|l| l.open_streams() >= self.config.max_streams)
+            .is_some_and(|l| l.session.open_streams() >= self.config.max_streams)
         {
             bump(&self.mux.stats.refused_total);
             if let Some(n) = self.warn_refused.check(ctx.now()) {
@@ -630,7 +485,7 @@ impl TunnelAgent {
                     Suppressed(n)
                 );
             }
-            self.refuse_stream(ctx, li, id, link_conn);
+            self.mux.refuse_stream(ctx, li, id);
             return;
         }
         let opts = ConnectOptions {
@@ -647,7 +502,7 @@ impl TunnelAgent {
                     "{}: stream {id} from {from} → {addr} ({conn})",
                     self.label()
                 );
-                self.mux.open_stream(ctx, li, id, conn);
+                self.mux.accept_stream(ctx, li, id, conn);
                 if is_local && self.local_addrs.len() > 1 {
                     self.local_pending.insert(conn, self.local_next);
                 }
@@ -661,71 +516,16 @@ impl TunnelAgent {
                         Suppressed(n)
                     );
                 }
-                self.refuse_stream(ctx, li, id, link_conn);
+                self.mux.refuse_stream(ctx, li, id);
             }
         }
     }
 
-    /// Answer a CONNECT we cannot serve with CLOSE (and hold the id until the
-    /// server acknowledges, with CLOSE_ACK).
-    fn refuse_stream(&mut self, ctx: &mut Ctx<'_>, li: usize, id: u8, link_conn: ConnKey) {
-        self.mux.refuse_id(li, id, ctx.now());
-        send_frame(ctx, link_conn, Command::Close, id, &[]);
-    }
-
-    fn on_link_frame(&mut self, ctx: &mut Ctx<'_>, li: usize, conn: ConnKey, raw: &[u8]) {
-        let Some(f) = TunnelFrame::parse(raw) else {
-            return;
-        };
-        let Some(link) = self.mux.links.get(li) else {
-            return;
-        };
-        if link.up {
-            match f.command {
-                Command::Connect => self.on_connect(ctx, li, f.id, f.payload),
-                Command::Hello | Command::Ready | Command::Reject => {
-                    bump(&self.mux.stats.malformed_total);
-                }
-                _ => self.mux.on_link_frame(ctx, li, f),
-            }
-            return;
+    fn on_link_frame(&mut self, ctx: &mut Ctx<'_>, li: usize, raw: &[u8]) {
+        if let Incoming::Connect { id, client, target } = self.mux.on_frame(ctx, li, raw) {
+            self.on_connect(ctx, li, id, client, target);
         }
-        match f.command {
-            Command::Hello if !link.extra.hello => self.on_hello(ctx, li, conn, f.payload),
-            Command::Ready => self.on_ready(ctx, li, conn, f.payload),
-            Command::Reject => {
-                bump(&self.mux.stats.rejected_total);
-                let (code, text) = f.payload.split_first().unwrap_or((&0, &[]));
-                let why = match *code {
-                    reject::UNKNOWN_SERVICE => "unknown service",
-                    reject::AUTH_FAILED => {
-                        bump(&self.mux.stats.auth_failed_total);
-                        "authentication failed"
-                    }
-                    reject::AUTH_REQUIRED => "a token is required",
-                    reject::MALFORMED => "malformed request",
-                    reject::LISTEN_FAILED => "the public port could not be opened",
-                    _ => "unknown reason",
-                };
-                let msg = format!("server rejected the LISTEN: {why} ({})", Preview(text));
-                self.fail(ctx, conn, &msg);
-            }
-            Command::Connect | Command::Data | Command::Close if !link.extra.hello => {
-                // No HELLO first: a base server (docs/PROTOCOL.md §3).
-                if self.config.token.is_some() {
-                    self.fail(
-                        ctx,
-                        conn,
-                        "the server speaks the base protocol and cannot check the token",
-                    );
-                    return;
-                }
-                self.link_up(ctx, li, 0, 0);
-                self.on_link_frame(ctx, li, conn, raw);
-            }
-            Command::Unknown(_) => bump(&self.mux.stats.unknown_total),
-            _ => bump(&self.mux.stats.malformed_total),
-        }
+        self.link_events(ctx, li);
     }
 }
 
@@ -747,8 +547,14 @@ impl Role for TunnelAgent {
             "linked_seconds",
             self.up_since.filter(|_| self.state == AgentState::Up),
         );
-        out.num("extensions", link.map_or(0, |l| u64::from(l.flags)));
-        out.num("streams", link.map_or(0, |l| l.open_streams() as u64));
+        out.num(
+            "extensions",
+            link.map_or(0, |l| u64::from(l.session.flags())),
+        );
+        out.num(
+            "streams",
+            link.map_or(0, |l| l.session.open_streams() as u64),
+        );
         let st = &self.mux.stats;
         out.num(
             "reconnects_total",
@@ -777,9 +583,9 @@ impl Role for TunnelAgent {
             "switchboard_tunnel_streams",
             "Streams open now.",
             &[],
-            link.map_or(0, |l| l.open_streams() as u64),
+            link.map_or(0, |l| l.session.open_streams() as u64),
         );
-        st.report(out);
+        report_stats(st, out);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
@@ -800,10 +606,6 @@ impl Role for TunnelAgent {
         }
         link_keepalive(ctx, conn, self.config.heartbeat_timeout);
         if let Some(li) = self.link {
-            // Until the link is up (link_up cancels it; with extensions = false
-            // that is as soon as LISTEN is queued).
-            let at = ctx.now() + self.config.handshake_timeout;
-            self.handshake_timer = Some(ctx.set_timer(at, token::HANDSHAKE | li as u64));
             self.send_listen(ctx, li);
         }
     }
@@ -825,9 +627,7 @@ impl Role for TunnelAgent {
 
     fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
         match self.link {
-            Some(li) if self.link_conn == Some(conn) => {
-                self.on_link_frame(ctx, li, conn, frame.raw)
-            }
+            Some(li) if self.link_conn == Some(conn) => self.on_link_frame(ctx, li, frame.raw),
             _ => self.mux.on_stream_data(ctx, conn, frame.payload),
         }
     }
@@ -861,13 +661,10 @@ impl Role for TunnelAgent {
             return;
         }
         self.link_conn = None;
-        if let Some(t) = self.handshake_timer.take() {
-            ctx.cancel_timer(t);
-        }
         let was_up = self.state == AgentState::Up;
         let connecting = self.state == AgentState::Connecting;
         if let Some(li) = self.link.take() {
-            self.mux.remove_link(ctx, li);
+            self.mux.remove(ctx, li);
         }
         if was_up {
             bump(&self.mux.stats.reconnects_total);
@@ -901,14 +698,9 @@ impl Role for TunnelAgent {
         let (kind, li) = token::split(tok);
         match kind {
             token::RECONNECT if !self.stopping => self.dial(ctx),
-            token::HANDSHAKE if self.handshake_timer == Some(timer) => {
-                self.handshake_timer = None;
-                self.handshake_expired(ctx, li);
-            }
-            token::HEARTBEAT => {
-                if let Some(link) = self.mux.links.get_mut(li) {
-                    heartbeat(ctx, link, li, self.config.heartbeat_interval);
-                }
+            token::SESSION => {
+                self.mux.on_timer(ctx, li, timer);
+                self.link_events(ctx, li);
             }
             _ => {}
         }

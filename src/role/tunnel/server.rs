@@ -13,42 +13,26 @@ use std::time::Instant;
 use hashbrown::HashMap;
 use log::{debug, error, info, warn};
 
-use super::auth::{self, Rng, Transcript};
-use super::{Mux, Settings, TunnelStats, bump, heartbeat, link_keepalive, send_frame, token};
-use crate::codec::tunnel::{
-    self, Command, Hello, ListenRequest, NONCE_LEN, TunnelFrame, ext, reject,
-};
-use crate::codec::{Frame, Framing};
+use super::rng::Rng;
+use super::{Links, link_keepalive, report_stats, token};
+use crate::codec::Frame;
+use crate::codec::Framing;
+use crate::codec::tunnel::{ext, reject};
 use crate::config::TunnelServerConfig;
 use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, LogLimit, Preview,
     Suppressed, TimerKey, View,
 };
+use crate::proto::tunnel::stats::bump;
+use crate::proto::tunnel::{Failure, Incoming, LinkEvent, Listen, Session, Settings, TunnelStats};
 use crate::role::admission::{Admit, PER_IP_GRACE, Pending, PendingId, Throttle};
 use crate::role::{Reconfigure, Report, Role};
 
-/// Where a link is in its handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for LISTEN.
-    Listen,
-    /// HELLO sent with AUTH: waiting for the agent's tag.
-    Auth,
-    /// Streams flow.
-    Up,
-}
-
-/// What the server keeps per link besides the streams.
+/// What the server keeps per link besides its session.
 struct ServerLink {
-    phase: Phase,
     peer: SocketAddr,
+    /// The service asked for (from LISTEN on).
     service: Option<usize>,
-    agent_nonce: [u8; NONCE_LEN],
-    server_nonce: [u8; NONCE_LEN],
-    /// Granted flags and the agent's window, until the link is up.
-    flags: u16,
-    peer_window: u32,
-    handshake: Option<TimerKey>,
     /// Its place in the pending table until the handshake is done.
     pending: Option<PendingId>,
 }
@@ -80,7 +64,7 @@ struct Service {
 /// The `tunnel_server` role.
 pub struct TunnelServer {
     config: TunnelServerConfig,
-    mux: Mux<ServerLink>,
+    mux: Links<ServerLink>,
     services: Vec<Service>,
     link_listener: Option<ListenerId>,
     links_by_conn: HashMap<ConnKey, usize>,
@@ -96,7 +80,19 @@ pub struct TunnelServer {
 impl TunnelServer {
     /// A server for `config` (nothing is opened before [`Role::start`]).
     pub fn new(config: &TunnelServerConfig) -> TunnelServer {
-        let stats = Arc::new(TunnelStats::default());
+        let mux = Links::new(
+            Settings {
+                window: config.window,
+                max_window: config.max_window,
+                link_window: config.link_window,
+                max_data: config.max_data,
+                max_streams: config.max_streams,
+                quarantine: Some(config.id_quarantine),
+                handshake_timeout: config.handshake_timeout,
+                heartbeat_interval: config.heartbeat_interval,
+            },
+            config.stall_timeout,
+        );
         let services: Vec<Service> = config
             .service
             .iter()
@@ -109,25 +105,14 @@ impl TunnelServer {
                 link: None,
             })
             .collect();
-        if let Ok(mut st) = stats.status.lock() {
+        if let Ok(mut st) = mux.stats.status.lock() {
             st.services = services
                 .iter()
                 .map(|s| (s.name.clone(), None, None))
                 .collect();
         }
         TunnelServer {
-            mux: Mux::new(
-                Settings {
-                    window: config.window,
-                    max_window: config.max_window,
-                    link_window: config.link_window,
-                    max_data: config.max_data,
-                    max_streams: config.max_streams,
-                    stall_timeout: config.stall_timeout,
-                    quarantine: Some(config.id_quarantine),
-                },
-                stats,
-            ),
+            mux,
             services,
             link_listener: None,
             links_by_conn: HashMap::new(),
@@ -169,14 +154,10 @@ impl TunnelServer {
         }
         bump(&self.mux.stats.rejected_total);
         let conn = link.conn;
-        if let Some(code) = code {
-            let mut payload = [0u8; 1 + 96];
-            payload[0] = code;
-            let text = why.as_bytes();
-            let n = text.len().min(96);
-            payload[1..1 + n].copy_from_slice(&text[..n]);
-            send_frame(ctx, conn, Command::Reject, 0, &payload[..1 + n]);
+        if let Some(link) = self.mux.links.get_mut(li) {
+            link.session.reject(code, why);
         }
+        self.mux.drive(ctx, li);
         ctx.close(conn);
     }
 
@@ -210,22 +191,25 @@ impl TunnelServer {
         free.or_else(|| self.services.iter().position(open))
     }
 
-    fn on_listen(&mut self, ctx: &mut Ctx<'_>, li: usize, payload: &[u8]) {
-        if payload.is_empty() {
-            match self.tokenless_service() {
-                Some(si) => self.activate(ctx, li, si, 0, 0),
-                None => self.refuse_failed(
-                    ctx,
-                    li,
-                    None,
-                    "empty LISTEN, and every service needs a token",
-                ),
+    fn on_listen(&mut self, ctx: &mut Ctx<'_>, li: usize, listen: Listen<'_>) {
+        let req = match listen {
+            Listen::Base => {
+                match self.tokenless_service() {
+                    Some(si) => self.activate(ctx, li, si, 0, 0),
+                    None => self.refuse_failed(
+                        ctx,
+                        li,
+                        None,
+                        "empty LISTEN, and every service needs a token",
+                    ),
+                }
+                return;
             }
-            return;
-        }
-        let Some(req) = ListenRequest::parse(payload) else {
-            self.refuse_failed(ctx, li, Some(reject::MALFORMED), "malformed LISTEN request");
-            return;
+            Listen::Malformed => {
+                self.refuse_failed(ctx, li, Some(reject::MALFORMED), "malformed LISTEN request");
+                return;
+            }
+            Listen::Request(req) => req,
         };
         let si = if req.name.is_empty() {
             self.tokenless_service()
@@ -250,64 +234,32 @@ impl TunnelServer {
             self.refuse_failed(ctx, li, Some(reject::AUTH_REQUIRED), &why);
             return;
         }
-        let mut flags = req.flags & ext::ALL & !ext::AUTH;
-        if flags & ext::CLOSE_ACK == 0 {
-            flags &= !ext::HALF_CLOSE;
-        }
-        if needs_auth {
-            flags |= ext::AUTH;
-        }
-        let server_nonce = self.rng.nonce();
-        let hello = Hello {
-            flags,
-            window: self.config.window,
-            nonce: server_nonce,
-        };
+        let nonce = self.rng.nonce();
+        let svc = &self.services[si];
         let Some(link) = self.mux.links.get_mut(li) else {
             return;
         };
-        link.extra.agent_nonce = req.nonce;
-        link.extra.server_nonce = server_nonce;
-        link.extra.flags = flags;
-        link.extra.peer_window = req.window;
         link.extra.service = Some(si);
-        let conn = link.conn;
-        if !send_frame(ctx, conn, Command::Hello, 0, &hello.encode()) {
+        let offer = link
+            .session
+            .offer(&req, svc.name.as_bytes(), svc.token.as_deref(), nonce);
+        if !self.mux.drive(ctx, li) {
             return;
         }
-        if needs_auth {
-            link.extra.phase = Phase::Auth;
-        } else if send_frame(ctx, conn, Command::Ready, 0, &[]) {
-            self.activate(ctx, li, si, flags, req.window);
+        if let Some((flags, window)) = offer {
+            self.activate(ctx, li, si, flags, window);
         }
     }
 
-    fn on_auth(&mut self, ctx: &mut Ctx<'_>, li: usize, tag: &[u8]) {
-        let Some(link) = self.mux.links.get(li) else {
+    fn on_auth_failed(&mut self, ctx: &mut Ctx<'_>, li: usize) {
+        let Some(si) = self.mux.links.get(li).and_then(|l| l.extra.service) else {
             return;
         };
-        let Some(si) = link.extra.service else { return };
-        let svc = &self.services[si];
-        let Some(token) = svc.token.as_deref() else {
-            return;
-        };
-        let t = Transcript {
-            agent_nonce: &link.extra.agent_nonce,
-            server_nonce: &link.extra.server_nonce,
-            flags: link.extra.flags,
-            name: svc.name.as_bytes(),
-        };
-        if !auth::verify_agent(token, &t, tag) {
-            bump(&self.mux.stats.auth_failed_total);
-            let why = format!("authentication failed for service '{}'", svc.name);
-            self.refuse_failed(ctx, li, Some(reject::AUTH_FAILED), &why);
-            return;
-        }
-        let proof = auth::server_tag(token, &t);
-        let (conn, flags, window) = (link.conn, link.extra.flags, link.extra.peer_window);
-        if send_frame(ctx, conn, Command::Ready, 0, &proof) {
-            self.activate(ctx, li, si, flags, window);
-        }
+        let why = format!(
+            "authentication failed for service '{}'",
+            self.services[si].name
+        );
+        self.refuse_failed(ctx, li, Some(reject::AUTH_FAILED), &why);
     }
 
     /// The handshake is done: take over the service, open its public port.
@@ -320,17 +272,13 @@ impl TunnelServer {
         let Some(link) = self.mux.links.get_mut(li) else {
             return;
         };
-        if let Some(t) = link.extra.handshake.take() {
-            ctx.cancel_timer(t);
-        }
-        link.extra.phase = Phase::Up;
         link.extra.service = Some(si);
         let (conn, peer) = (link.conn, link.extra.peer);
         if let Some(id) = link.extra.pending.take() {
             self.pending.remove(id, conn);
         }
         if let Some(old) = self.services[si].link.take()
-            && let Some(old_link) = self.mux.remove_link(ctx, old)
+            && let Some(old_link) = self.mux.remove(ctx, old)
         {
             info!(
                 "{}: service '{}' taken over by {peer}; closing the link from {}",
@@ -365,12 +313,12 @@ impl TunnelServer {
         }
         self.services[si].link = Some(li);
         let now = ctx.now();
-        self.mux.link_up(li, flags, peer_window, now);
+        if let Some(link) = self.mux.links.get_mut(li) {
+            link.session.link_up(flags, peer_window, now);
+        }
+        self.mux.drive(ctx, li);
         if flags & ext::HEARTBEAT != 0 {
             ctx.set_idle_timeout(conn, Some(self.config.heartbeat_timeout));
-            if let Some(link) = self.mux.links.get_mut(li) {
-                heartbeat(ctx, link, li, self.config.heartbeat_interval);
-            }
         }
         let public = self.services[si]
             .listener
@@ -390,77 +338,106 @@ impl TunnelServer {
     }
 
     fn on_public_accept(&mut self, ctx: &mut Ctx<'_>, si: usize, conn: ConnKey, peer: SocketAddr) {
-        let now = ctx.now();
         let Some(li) = self.services[si].link else {
             ctx.abort(conn);
             return;
         };
-        let Some(id) = self.mux.alloc_id(li, now) else {
-            bump(&self.mux.stats.refused_total);
-            let (open, quarantined, closing) = self.mux.ids_taken(li, now);
-            let max = self.mux.settings.max_streams;
-            let streams = self.mux.link_streams(li);
-            if streams < max && quarantined > 0 {
-                bump(&self.mux.stats.quarantine_refused_total);
+        let id = match self.mux.open_stream(ctx, li, conn, peer) {
+            Ok(id) => id,
+            Err(no) => {
+                self.refuse_client(ctx, si, li, conn, peer, no);
+                return;
             }
-            if let Some(n) = self.warnings.refused.check(now) {
-                let (name, service) = (&self.config.name, &self.services[si].name);
-                if streams >= max {
-                    warn!(
-                        "{name}: service '{service}': client {peer} refused, all {streams} \
-                         streams in use (max_streams {max}){}",
-                        Suppressed(n)
-                    );
-                } else {
-                    warn!(
-                        "{name}: service '{service}': client {peer} refused, no free id; 256 ids: \
-                         {open} in use, {quarantined} in quarantine, {closing} waiting for the \
-                         agent's CLOSE{}",
-                        Suppressed(n)
-                    );
-                }
-            }
-            ctx.close(conn);
-            return;
         };
-        let Some(link) = self.mux.links.get(li) else {
-            return;
-        };
-        let link_conn = link.conn;
-        let (addr, n) = tunnel::encode_peer(peer);
-        let payload = if link.has(ext::PEER_ADDR) {
-            addr.get(..n).unwrap_or_default()
-        } else {
-            &[]
-        };
-        if !send_frame(ctx, link_conn, Command::Connect, id, payload) {
-            ctx.abort(conn);
-            return;
-        }
-        debug!("{conn}: client {peer} is stream {id} of {link_conn}");
-        self.mux.open_stream(ctx, li, id, conn);
+        debug!("{conn}: client {peer} is stream {id} of link {li}");
     }
 
-    /// A frame from a link (the handshake here; streams in the mux).
-    fn on_link_frame(&mut self, ctx: &mut Ctx<'_>, li: usize, raw: &[u8]) {
-        let Some(f) = TunnelFrame::parse(raw) else {
-            return;
-        };
-        let Some(link) = self.mux.links.get(li) else {
-            return;
-        };
-        match (link.extra.phase, f.command) {
-            (Phase::Listen, Command::Listen) => self.on_listen(ctx, li, f.payload),
-            (Phase::Auth, Command::Auth) => self.on_auth(ctx, li, f.payload),
-            (Phase::Up, Command::Listen) => {
-                bump(&self.mux.stats.malformed_total);
-                debug!("{}: second LISTEN ignored", link.conn);
+    /// A public client with no id for it: counted, logged (rate-limited), closed.
+    fn refuse_client(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        si: usize,
+        li: usize,
+        conn: ConnKey,
+        peer: SocketAddr,
+        no: crate::proto::tunnel::NoId,
+    ) {
+        let now = ctx.now();
+        bump(&self.mux.stats.refused_total);
+        let (open, quarantined, closing) = (no.open, no.quarantined, no.closing);
+        let max = self.mux.settings.max_streams;
+        let streams = self
+            .mux
+            .links
+            .get(li)
+            .map_or(0, |l| l.session.open_streams());
+        if !no.at_max && quarantined > 0 {
+            bump(&self.mux.stats.quarantine_refused_total);
+        }
+        if let Some(n) = self.warnings.refused.check(now) {
+            let (name, service) = (&self.config.name, &self.services[si].name);
+            if no.at_max {
+                warn!(
+                    "{name}: service '{service}': client {peer} refused, all {streams} \
+                     streams in use (max_streams {max}){}",
+                    Suppressed(n)
+                );
+            } else {
+                warn!(
+                    "{name}: service '{service}': client {peer} refused, no free id; 256 ids: \
+                     {open} in use, {quarantined} in quarantine, {closing} waiting for the \
+                     agent's CLOSE{}",
+                    Suppressed(n)
+                );
             }
-            (Phase::Up, _) => self.mux.on_link_frame(ctx, li, f),
-            (_, Command::Unknown(_)) => bump(&self.mux.stats.unknown_total),
-            (_, c) => {
-                bump(&self.mux.stats.malformed_total);
-                debug!("{}: {c:?} before the handshake is done; ignored", link.conn);
+        }
+        ctx.close(conn);
+    }
+
+    /// A frame from a link: the session handles it; the handshake's
+    /// decisions (which service, its token) are made here.
+    fn on_link_frame(&mut self, ctx: &mut Ctx<'_>, li: usize, raw: &[u8]) {
+        match self.mux.on_frame(ctx, li, raw) {
+            Incoming::Listen(l) => self.on_listen(ctx, li, l),
+            Incoming::Authenticated { flags, peer_window } => {
+                if let Some(si) = self.mux.links.get(li).and_then(|l| l.extra.service) {
+                    self.activate(ctx, li, si, flags, peer_window);
+                }
+            }
+            Incoming::AuthFailed => self.on_auth_failed(ctx, li),
+            Incoming::Nothing | Incoming::Deliver { .. } | Incoming::Connect { .. } => {}
+        }
+        self.link_events(ctx, li);
+    }
+
+    /// What the session reports about the link as a whole.
+    fn link_events(&mut self, ctx: &mut Ctx<'_>, li: usize) {
+        let Some(link) = self.mux.links.get_mut(li) else {
+            return;
+        };
+        while let Some(event) = link.session.poll_link_event() {
+            match event {
+                LinkEvent::Up { .. } => {}
+                LinkEvent::HandshakeTimeout => {
+                    if let Some(n) = self.warnings.timeout.check(ctx.now()) {
+                        warn!(
+                            "{}: agent {} did not finish its handshake in {:?}; closing{}",
+                            self.config.name,
+                            link.extra.peer,
+                            self.config.handshake_timeout,
+                            Suppressed(n)
+                        );
+                    }
+                    ctx.close(link.conn);
+                }
+                LinkEvent::Failed(why @ Failure::CreditOverflow { .. }) => {
+                    warn!("{}: {why}; closing the link", link.conn);
+                    ctx.abort(link.conn);
+                }
+                LinkEvent::Failed(why) => {
+                    warn!("{}: {why}; closing the link", link.conn);
+                    ctx.close(link.conn);
+                }
             }
         }
     }
@@ -469,13 +446,10 @@ impl TunnelServer {
         let Some(li) = self.links_by_conn.remove(&conn) else {
             return;
         };
-        let Some(link) = self.mux.remove_link(ctx, li) else {
+        let Some(link) = self.mux.remove(ctx, li) else {
             return;
         };
-        if let Some(t) = link.extra.handshake {
-            ctx.cancel_timer(t);
-        }
-        if link.extra.phase != Phase::Up {
+        if !link.session.is_up() {
             if let Some(id) = link.extra.pending {
                 self.pending.remove(id, conn);
             }
@@ -568,7 +542,7 @@ impl TunnelServer {
             ctx.close_listener(l);
         }
         if let Some(li) = s.link.take()
-            && let Some(link) = self.mux.remove_link(ctx, li)
+            && let Some(link) = self.mux.remove(ctx, li)
         {
             self.links_by_conn.remove(&link.conn);
             ctx.close(link.conn);
@@ -579,7 +553,7 @@ impl TunnelServer {
             .mux
             .links
             .iter()
-            .filter(|(_, l)| l.extra.phase != Phase::Up && l.extra.service == Some(si))
+            .filter(|(_, l)| !l.session.is_up() && l.extra.service == Some(si))
             .map(|(li, _)| li)
             .collect();
         for li in half_done {
@@ -664,9 +638,15 @@ impl Role for TunnelServer {
             out.str("link", if link.is_some() { "up" } else { "down" });
             out.addr("public", s.listener.and_then(|l| view.listener_addr(l)));
             out.addr("agent", link.map(|l| l.extra.peer));
-            out.age("linked_seconds", link.map(|l| l.since));
-            out.num("extensions", link.map_or(0, |l| u64::from(l.flags)));
-            out.num("streams", link.map_or(0, |l| l.open_streams() as u64));
+            out.age("linked_seconds", link.map(|l| l.session.since()));
+            out.num(
+                "extensions",
+                link.map_or(0, |l| u64::from(l.session.flags())),
+            );
+            out.num(
+                "streams",
+                link.map_or(0, |l| l.session.open_streams() as u64),
+            );
             out.close_object();
             let state = if link.is_some() { 1 } else { 0 };
             out.gauge(
@@ -679,11 +659,11 @@ impl Role for TunnelServer {
                 "switchboard_tunnel_streams",
                 "Streams open now.",
                 &[("service", &s.name)],
-                link.map_or(0, |l| l.open_streams() as u64),
+                link.map_or(0, |l| l.session.open_streams() as u64),
             );
         }
         out.close_array();
-        self.mux.stats.report(out);
+        report_stats(&self.mux.stats, out);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
@@ -725,28 +705,17 @@ impl Role for TunnelServer {
         }
         let pending = self.pending.insert(conn, peer.ip(), now);
         link_keepalive(ctx, conn, self.config.heartbeat_timeout);
-        let li = self.mux.add_link(
+        let session = Session::server(self.mux.settings, Arc::clone(&self.mux.stats), now);
+        let li = self.mux.add(
+            ctx,
             conn,
-            now,
+            session,
             ServerLink {
-                phase: Phase::Listen,
                 peer,
                 service: None,
-                agent_nonce: [0; NONCE_LEN],
-                server_nonce: [0; NONCE_LEN],
-                flags: 0,
-                peer_window: 0,
-                handshake: None,
                 pending: Some(pending),
             },
         );
-        let t = ctx.set_timer(
-            now + self.config.handshake_timeout,
-            token::HANDSHAKE | li as u64,
-        );
-        if let Some(link) = self.mux.links.get_mut(li) {
-            link.extra.handshake = Some(t);
-        }
         self.links_by_conn.insert(conn, li);
         debug!("{conn}: agent {peer} connected");
     }
@@ -787,29 +756,11 @@ impl Role for TunnelServer {
         }
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _timer: TimerKey, tok: u64) {
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, tok: u64) {
         let (kind, li) = token::split(tok);
-        let Some(link) = self.mux.links.get_mut(li) else {
-            return;
-        };
-        match kind {
-            token::HANDSHAKE => {
-                link.extra.handshake = None;
-                if link.extra.phase != Phase::Up {
-                    if let Some(n) = self.warnings.timeout.check(ctx.now()) {
-                        warn!(
-                            "{}: agent {} did not finish its handshake in {:?}; closing{}",
-                            self.config.name,
-                            link.extra.peer,
-                            self.config.handshake_timeout,
-                            Suppressed(n)
-                        );
-                    }
-                    ctx.close(link.conn);
-                }
-            }
-            token::HEARTBEAT => heartbeat(ctx, link, li, self.config.heartbeat_interval),
-            _ => {}
+        if kind == token::SESSION {
+            self.mux.on_timer(ctx, li, timer);
+            self.link_events(ctx, li);
         }
     }
 
