@@ -4,27 +4,33 @@
 //! [`slab::Slab`] of connections. Each connection has its own frame decoder
 //! ([`codec`]), a read buffer borrowed from a pool only while it holds
 //! unconsumed bytes, and a bounded queue of outgoing buffers written with one
-//! vectored write. Roles ([`Role`]) give the engine its jobs; they are sans-IO:
-//! they see events and act through a [`Ctx`]. Nothing grows without a configured
+//! vectored write. Roles ([`Role`], the engine's [`Handler`]) give the engine its
+//! jobs; they see events and act through a [`Ctx`], and the protocol logic
+//! behind them ([`proto`]) is sans-IO: bytes and time in, decisions out. Nothing grows without a configured
 //! bound, and nothing is allocated per read, frame or write in steady state.
 //!
 //! ```text
-//!              +-------------------------- Engine::turn --------------------------+
-//!  poll(timeout = 0 if ready list non-empty, else next timer deadline)            |
-//!     |                                                                          |
-//!     +-- listener token --> accept until WouldBlock / max_connections / EMFILE   |
-//!     +-- conn token ------> readiness.event |= bits --> pump(conn):              |
-//!     |                         flush queue  (write_vectored until WouldBlock)    |
-//!     |                         read ------> decoder --> Role::on_frame(ctx, ..)  |
-//!     |                           (budget spent? -> ready list)   |               |
-//!     |                         flush again                       v               |
-//!     +-- waker -----------> Handle messages      Ctx: send / close / pause /     |
-//!     +-- signals ---------> SIGINT/SIGTERM stop       listen / connect / timers  |
-//!  fire timers (idle, connect, linger, role timers)                               |
-//!  pump the ready list                                                            |
-//!  reap: free slab slots of connections closed this turn, Role::on_closed         |
-//!  resume accepting if a slot freed                                               |
-//!              +------------------------------------------------------------------+
+//!              +-------------------------- Engine::turn ---------------------------+
+//!  poll(timeout = 0 if work is pending, else the next timer deadline)              |
+//!     |                                                                            |
+//!     +-- listener --> accept until WouldBlock / max_connections / EMFILE          |
+//!     |                  --> Handler::on_accept                                    |
+//!     +-- connection --> readiness |= event --> pump(conn):                        |
+//!     |                    flush the queue (vectored writes, WRITE_BUDGET a turn)  |
+//!     |                    read --> decoder --> Handler::on_frame(ctx, conn, ..)   |
+//!     |                      (read budget spent? -> ready list)    |               |
+//!     |                    flush again                             v               |
+//!     +-- waker -------> Handle messages, reload requests   Ctx: send / close /   |
+//!     +-- signals -----> SIGINT/SIGTERM: stop; SIGHUP: reload   pause / listen /   |
+//!                                                               connect / timers   |
+//!  fire timers: the engine's (idle, connect, linger, stall) and the handlers'      |
+//!               (Handler::on_timer, Handler::on_conn_timer)                        |
+//!  pump the ready list                                                             |
+//!  serve the reports asked for this turn (one build per kind)                      |
+//!  reap: connections closed this turn --> Handler::on_closed; a graceful close     |
+//!        drains the peer's input (engine only) until EOF or linger, then frees     |
+//!  trim the buffer pool; begin stopping if asked; resume accepting if a slot freed |
+//!              +-------------------------------------------------------------------+
 //! ```
 //!
 //! # Adding a role

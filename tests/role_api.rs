@@ -56,6 +56,7 @@ enum Event {
     Writable(ConnKey),
     Closed(ConnKey, CloseReason),
     Timer(TimerKey, u64),
+    ConnTimer(ConnKey, TimerKey, u64),
     Shutdown,
     /// Answer to [`Cmd::Connect`]: what `ctx.connect` returned, and how many
     /// bytes were queued on the new connection after the sends.
@@ -78,6 +79,8 @@ enum Event {
     TimerSet(u64, TimerKey),
     /// Answer to [`Cmd::CancelTimer`].
     TimerCancelled(TimerKey),
+    /// Answer to [`Cmd::SetConnTimer`].
+    ConnTimerSet(ConnKey, u64, Option<TimerKey>),
     /// Answer to [`Cmd::Poke`].
     Poked(Poke),
     /// Answer to [`Cmd::Block`], sent before blocking.
@@ -121,6 +124,11 @@ enum Cmd {
         token: u64,
     },
     CancelTimer(TimerKey),
+    SetConnTimer {
+        conn: ConnKey,
+        after: Duration,
+        purpose: u64,
+    },
     /// Call every per-connection `Ctx` method on the key, destructive ones
     /// included (pause, idle timeout, framing, close, abort).
     Poke(ConnKey),
@@ -193,6 +201,14 @@ impl Probe {
             Cmd::CancelTimer(key) => {
                 ctx.cancel_timer(key);
                 Event::TimerCancelled(key)
+            }
+            Cmd::SetConnTimer {
+                conn,
+                after,
+                purpose,
+            } => {
+                let at = ctx.now() + after;
+                Event::ConnTimerSet(conn, purpose, ctx.set_conn_timer(conn, at, purpose))
             }
             Cmd::Poke(key) => {
                 let send = ctx.send(key, b"stale");
@@ -270,8 +286,12 @@ impl Role for Probe {
         self.report(ctx, Event::Closed(conn, reason));
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, token: u64) {
-        self.report(ctx, Event::Timer(timer, token));
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, purpose: u64) {
+        self.report(ctx, Event::Timer(timer, purpose));
+    }
+
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, timer: TimerKey, purpose: u64) {
+        self.report(ctx, Event::ConnTimer(conn, timer, purpose));
     }
 
     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
@@ -769,6 +789,56 @@ fn timers_fire_with_their_token_and_cancelled_ones_never_do() {
     assert!(
         p.position(|e| matches!(e, Event::Timer(_, 8))).is_none(),
         "cancelled timer fired: {:#?}",
+        p.log
+    );
+    p.stop();
+}
+
+#[test]
+fn connection_timers_fire_with_their_connection_and_die_with_it() {
+    let mut p = Probed::start(config(), vec![raw_listener()], no_hook);
+    let a_client = connect(p.addr(0));
+    let a = p.accepted(0);
+    let _b_client = connect(p.addr(0));
+    let b = p.accepted(0);
+    fn set(p: &mut Probed, conn: ConnKey, after_ms: u64, purpose: u64) -> Option<TimerKey> {
+        p.cmd(Cmd::SetConnTimer {
+            conn,
+            after: Duration::from_millis(after_ms),
+            purpose,
+        });
+        match p.wait(
+            "conn timer set",
+            |e| matches!(e, Event::ConnTimerSet(c, n, _) if *c == conn && *n == purpose),
+        ) {
+            Event::ConnTimerSet(_, _, key) => key,
+            _ => unreachable!(),
+        }
+    }
+    let a1 = set(&mut p, a, 150, 1).expect("a is open");
+    let b2 = set(&mut p, b, 150, 2).expect("b is open");
+    let b3 = set(&mut p, b, 100, 3).expect("b is open");
+    p.cmd(Cmd::CancelTimer(b3));
+    p.wait("cancel", |e| *e == Event::TimerCancelled(b3));
+    // `a` closes before its timer is due: the engine cancels it.
+    drop(a_client);
+    p.wait("on_closed", |e| {
+        *e == Event::Closed(a, CloseReason::PeerClosed)
+    });
+    assert_eq!(
+        set(&mut p, a, 0, 4),
+        None,
+        "a timer for a closed connection"
+    );
+    p.wait("b's timer", |e| *e == Event::ConnTimer(b, b2, 2));
+    thread::sleep(Duration::from_millis(50));
+    p.barrier();
+    assert!(
+        p.position(|e| matches!(e, Event::ConnTimer(k, _, _) if *k == a))
+            .is_none()
+            && p.position(|e| matches!(e, Event::ConnTimer(_, _, 3)))
+                .is_none(),
+        "a closed connection's or a cancelled timer fired ({a1:?}): {:#?}",
         p.log
     );
     p.stop();

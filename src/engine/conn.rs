@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use super::buffer::{Buffer, SendQueue};
-use super::timer::TimerKey;
-use super::{CloseReason, RoleId};
+use super::timer::{TimerKey, Timers};
+use super::token::ConnKey;
+use super::{CloseReason, RoleId, TimerOwner};
 use crate::codec::Decoder;
 
 /// Readiness bits (sozu's `Readiness`): what the socket reported, and what the
@@ -118,6 +119,8 @@ pub(crate) struct Conn {
     pub(crate) reason: CloseReason,
     /// The role has been told of the close (it may still be draining).
     pub(crate) told: bool,
+    /// Timers the role set for this connection (live ones only).
+    pub(crate) role_timers: Vec<TimerKey>,
 }
 
 // ===== impl Conn =====
@@ -127,14 +130,35 @@ impl Conn {
         self.state == State::Open && !self.read_closed && self.readiness.interest & READABLE != 0
     }
 
-    /// Take the engine's timers of the connection (idle, connect or linger,
-    /// stall), for the caller to cancel.
-    pub(crate) fn take_timers(&mut self) -> [Option<TimerKey>; 3] {
-        [
+    /// The key of this connection, in slab slot `index`: the one place a
+    /// [`ConnKey`] is made for a connection.
+    pub(crate) fn key(&self, index: usize) -> ConnKey {
+        ConnKey::new(index, self.generation)
+    }
+
+    /// Whether `key` names this connection (and not an earlier one in the
+    /// same slab slot): the one place generations are compared.
+    pub(crate) fn named_by(&self, key: ConnKey) -> bool {
+        self.generation == key.generation
+    }
+
+    /// Cancel every timer of the connection: the engine's (idle, connect
+    /// or linger, stall) and those its role set for it
+    /// ([`crate::Ctx::set_conn_timer`]).
+    pub(crate) fn cancel_timers(&mut self, timers: &mut Timers<TimerOwner>) {
+        let own = [
             self.idle_timer.take(),
             self.aux_timer.take(),
             self.stall_timer.take(),
-        ]
+        ];
+        for t in own.into_iter().flatten().chain(self.role_timers.drain(..)) {
+            timers.cancel(t);
+        }
+    }
+
+    /// A role timer of the connection fired or was cancelled.
+    pub(crate) fn forget_timer(&mut self, key: TimerKey) {
+        self.role_timers.retain(|&t| t != key);
     }
 
     /// Whether the role may still use the connection: not closed, and not

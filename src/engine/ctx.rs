@@ -333,7 +333,7 @@ impl Ctx<'_> {
         self.core
             .conns
             .get(key.index as usize)
-            .filter(|c| c.generation == key.generation)
+            .filter(|c| c.named_by(key))
             .and_then(|c| c.rx.as_ref())
             .map(|b| b.data())
             .unwrap_or_default()
@@ -347,7 +347,7 @@ impl Ctx<'_> {
         let Some(c) = core.conns.get_mut(key.index as usize) else {
             return;
         };
-        if c.generation != key.generation {
+        if !c.named_by(key) {
             return;
         }
         c.decoder.reset();
@@ -394,7 +394,7 @@ impl Ctx<'_> {
         let Some(c) = core
             .conns
             .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation && c.is_live())
+            .filter(|c| c.named_by(key) && c.is_live())
         else {
             return;
         };
@@ -523,7 +523,7 @@ impl Ctx<'_> {
         let Some(c) = core.conns.get_mut(key.index as usize) else {
             return;
         };
-        if c.generation != key.generation || !c.is_live() {
+        if !c.named_by(key) || !c.is_live() {
             return;
         }
         if let Some(t) = c.idle_timer.take() {
@@ -604,17 +604,39 @@ impl Ctx<'_> {
         Ok(key)
     }
 
-    /// Call [`crate::Handler::on_timer`] with `token` at `at` (or at the next turn if
-    /// `at` has passed).
-    pub fn set_timer(&mut self, at: Instant, token: u64) -> TimerKey {
+    /// Call [`crate::Handler::on_timer`] with `purpose` (the role's own
+    /// number for what the timer is for) at `at`, or at the next turn if `at`
+    /// has passed.
+    pub fn set_timer(&mut self, at: Instant, purpose: u64) -> TimerKey {
         self.core
             .timers
-            .insert(at, TimerOwner::Role(self.role, token))
+            .insert(at, TimerOwner::Role(self.role, purpose))
+    }
+
+    /// Call [`crate::Handler::on_conn_timer`] with `conn` and `purpose` at
+    /// `at`, unless `conn` closes first: the engine cancels a connection's
+    /// timers when it closes, so the role never does. `None` if `conn` is
+    /// gone already.
+    pub fn set_conn_timer(&mut self, conn: ConnKey, at: Instant, purpose: u64) -> Option<TimerKey> {
+        let core = &mut *self.core;
+        let c = core.conns.get_mut(conn.index as usize)?;
+        if !c.named_by(conn) || !c.is_live() {
+            return None;
+        }
+        let t = core
+            .timers
+            .insert(at, TimerOwner::RoleConn(self.role, conn, purpose));
+        c.role_timers.push(t);
+        Some(t)
     }
 
     /// Cancel a timer; a key that already fired or was cancelled is ignored.
     pub fn cancel_timer(&mut self, key: TimerKey) {
-        self.core.timers.cancel(key);
+        if let Some(TimerOwner::RoleConn(_, conn, _)) = self.core.timers.cancel(key)
+            && let Some(c) = self.core.conn_mut(conn)
+        {
+            c.forget_timer(key);
+        }
     }
 
     /// Connections held by the engine now.
@@ -653,7 +675,7 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 fn sendable(conns: &mut Slab<Conn>, key: ConnKey) -> Result<&mut Conn, SendError> {
     match conns.get_mut(key.index as usize) {
         Some(c)
-            if c.generation == key.generation
+            if c.named_by(key)
                 && matches!(c.state, State::Open | State::Connecting)
                 && c.shut_write == ShutWrite::No =>
         {

@@ -116,9 +116,16 @@ pub trait Handler: Send {
         let _ = (ctx, conn, reason);
     }
 
-    /// A timer set with [`Ctx::set_timer`] fired.
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, token: u64) {
-        let _ = (ctx, timer, token);
+    /// A timer set with [`Ctx::set_timer`] fired; `purpose` is the number
+    /// the role gave it.
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, purpose: u64) {
+        let _ = (ctx, timer, purpose);
+    }
+
+    /// A timer set with [`Ctx::set_conn_timer`] for `conn` fired (`conn` is
+    /// still open: the engine cancels a connection's timers when it closes).
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, timer: TimerKey, purpose: u64) {
+        let _ = (ctx, conn, timer, purpose);
     }
 
     /// A message from another thread ([`crate::Handle::send`]).

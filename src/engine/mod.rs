@@ -167,7 +167,10 @@ impl From<io::Error> for EngineError {
 /// What a timer belongs to.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum TimerOwner {
+    /// A role's own timer, with the purpose it gave.
     Role(RoleId, u64),
+    /// A role's timer for one of its connections (cancelled when it closes).
+    RoleConn(RoleId, ConnKey, u64),
     Idle(ConnKey),
     Connect(ConnKey),
     Linger(ConnKey),
@@ -634,10 +637,7 @@ impl Engine {
         let Some(c) = self.core.conns.get_mut(idx) else {
             return false;
         };
-        let key = ConnKey {
-            index: idx as u32,
-            generation: c.generation,
-        };
+        let key = c.key(idx);
         if c.readiness.event == 0 {
             return false;
         }
@@ -690,10 +690,7 @@ impl Engine {
         let Some(c) = self.core.conns.get_mut(idx) else {
             return;
         };
-        let key = ConnKey {
-            index: idx as u32,
-            generation: c.generation,
-        };
+        let key = c.key(idx);
         let role = c.role;
         let mut rx = match c.rx.take() {
             Some(b) => b,
@@ -859,10 +856,7 @@ impl Engine {
             return;
         }
         c.notify_writable = false;
-        let key = ConnKey {
-            index: idx as u32,
-            generation: c.generation,
-        };
+        let key = c.key(idx);
         let role = c.role;
         self.call(role, |r, ctx| r.on_writable(ctx, key));
     }
@@ -968,8 +962,14 @@ impl Engine {
                 return;
             };
             match owner {
-                TimerOwner::Role(role, token) => {
-                    self.call(role, |r, ctx| r.on_timer(ctx, tkey, token));
+                TimerOwner::Role(role, purpose) => {
+                    self.call(role, |r, ctx| r.on_timer(ctx, tkey, purpose));
+                }
+                TimerOwner::RoleConn(role, key, purpose) => {
+                    if let Some(c) = self.core.conn_mut(key) {
+                        c.forget_timer(tkey);
+                        self.call(role, |r, ctx| r.on_conn_timer(ctx, key, tkey, purpose));
+                    }
                 }
                 TimerOwner::Idle(key) => {
                     let now = self.core.now;
@@ -1086,10 +1086,7 @@ impl Engine {
             return;
         };
         c.told = true;
-        let key = ConnKey {
-            index: idx as u32,
-            generation: c.generation,
-        };
+        let key = c.key(idx);
         let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
         if c.state == State::Draining {
             debug!("{key} closed ({reason}); reading until the peer closes");
@@ -1169,10 +1166,7 @@ impl Engine {
             let Some(c) = self.core.conns.get(idx) else {
                 continue;
             };
-            let key = ConnKey {
-                index: idx as u32,
-                generation: c.generation,
-            };
+            let key = c.key(idx);
             self.core.close_gracefully(key, CloseReason::Shutdown);
         }
         let at = self.core.now + self.core.config.shutdown_timeout;
@@ -1209,13 +1203,13 @@ impl Core {
     fn conn(&self, key: ConnKey) -> Option<&Conn> {
         self.conns
             .get(key.index as usize)
-            .filter(|c| c.generation == key.generation && c.is_live())
+            .filter(|c| c.named_by(key) && c.is_live())
     }
 
     fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
         self.conns
             .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation && c.is_live())
+            .filter(|c| c.named_by(key) && c.is_live())
     }
 
     /// The connection `key` names while its socket is open, draining included
@@ -1223,7 +1217,7 @@ impl Core {
     fn socket_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
         self.conns
             .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation && c.state != State::Closed)
+            .filter(|c| c.named_by(key) && c.state != State::Closed)
     }
 
     fn can_accept(&self) -> bool {
@@ -1250,7 +1244,7 @@ impl Core {
         let mut frame = std::mem::replace(rx, fresh);
         frame.truncate(used);
         let filled = match self.conns.get_mut(to.index as usize) {
-            Some(c) if c.generation == to.generation => c.tx.fill_pending(frame),
+            Some(c) if c.named_by(to) => c.tx.fill_pending(frame),
             _ => Err(frame),
         };
         if let Err(frame) = filled {
@@ -1271,10 +1265,7 @@ impl Core {
         if !matches!(c.state, State::Open | State::Closing) {
             return 0;
         }
-        let key = ConnKey {
-            index: idx as u32,
-            generation: c.generation,
-        };
+        let key = c.key(idx);
         let mut total = 0;
         while !c.tx.is_empty() && c.readiness.event & WRITABLE != 0 {
             if total >= budget {
@@ -1338,10 +1329,7 @@ impl Core {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
-        let key = ConnKey {
-            index: idx as u32,
-            generation: c.generation,
-        };
+        let key = c.key(idx);
         let reason = c.reason;
         if c.read_closed {
             self.close_now(idx, reason);
@@ -1360,9 +1348,7 @@ impl Core {
         Stats::add(&self.shared.stats.draining, 1);
         c.readiness.interest &= !READABLE;
         c.tx.release(&mut self.pool);
-        for t in c.take_timers().into_iter().flatten() {
-            self.timers.cancel(t);
-        }
+        c.cancel_timers(&mut self.timers);
         let t = self.timers.insert(now + linger, TimerOwner::Linger(key));
         if let Some(c) = self.conns.get_mut(idx) {
             c.aux_timer = Some(t);
@@ -1484,12 +1470,10 @@ impl Core {
             last_progress: self.now,
             reason: CloseReason::PeerClosed,
             told: false,
+            role_timers: Vec::new(),
         });
         Stats::add(&self.shared.stats.connections, 1);
-        Ok(ConnKey {
-            index: idx as u32,
-            generation,
-        })
+        Ok(ConnKey::new(idx, generation))
     }
 
     /// Close after flushing (bounded by `engine.linger`), then send FIN and
@@ -1538,9 +1522,7 @@ impl Core {
         c.reason = reason;
         c.state = State::Closed;
         c.tx.clear(&mut self.pool);
-        for t in c.take_timers().into_iter().flatten() {
-            self.timers.cancel(t);
-        }
+        c.cancel_timers(&mut self.timers);
         self.closed.push(idx);
     }
 

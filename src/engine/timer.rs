@@ -61,10 +61,10 @@ impl<O: Copy> Timers<O> {
         }
     }
 
-    pub(crate) fn cancel(&mut self, key: TimerKey) {
-        if self.live_mut(key).is_some() {
-            self.entries.remove(key.index as usize);
-        }
+    /// Cancel a live timer and return its owner; a stale key does nothing.
+    pub(crate) fn cancel(&mut self, key: TimerKey) -> Option<O> {
+        self.live_mut(key)?;
+        Some(self.entries.remove(key.index as usize).owner)
     }
 
     /// The earliest live deadline.

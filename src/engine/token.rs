@@ -31,7 +31,16 @@ pub struct ConnKey {
 // ===== impl ConnKey =====
 
 impl ConnKey {
-    /// Pack into a `u64`, for example as a timer token.
+    /// The key of the connection in slab slot `index` at `generation`
+    /// (the engine's connections make theirs with `Conn::key`).
+    pub(crate) fn new(index: usize, generation: u32) -> ConnKey {
+        ConnKey {
+            index: index as u32,
+            generation,
+        }
+    }
+
+    /// Pack into a `u64` (to carry a key where only a number fits).
     pub fn to_u64(self) -> u64 {
         (u64::from(self.index) << 32) | u64::from(self.generation)
     }

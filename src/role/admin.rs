@@ -27,7 +27,6 @@ use crate::role::{Report, ReportKind, Role};
 
 struct Client {
     head: Vec<u8>,
-    timer: TimerKey,
     /// A request was read (the answer is on its way).
     answered: bool,
     since: Instant,
@@ -71,13 +70,7 @@ impl Admin {
     /// to come) are dropped from the count first: under load, their clients
     /// reconnect within the same turn.
     fn make_room(&mut self, ctx: &mut Ctx<'_>) {
-        self.clients.retain(|&k, c| {
-            let live = ctx.peer_addr(k).is_some();
-            if !live {
-                ctx.cancel_timer(c.timer);
-            }
-            live
-        });
+        self.clients.retain(|&k, _| ctx.peer_addr(k).is_some());
         if self.clients.len() < self.config.max_clients {
             return;
         }
@@ -91,9 +84,7 @@ impl Admin {
         if let Some(victim) = oldest(false).or_else(|| oldest(true)) {
             debug!("{victim}: admin client closed to make room for a new one");
             self.counters.evicted += 1;
-            if let Some(c) = self.clients.remove(&victim) {
-                ctx.cancel_timer(c.timer);
-            }
+            self.clients.remove(&victim);
             ctx.abort(victim);
         }
     }
@@ -249,12 +240,11 @@ impl Role for Admin {
             self.make_room(ctx);
         }
         let at = ctx.now() + self.config.request_timeout;
-        let timer = ctx.set_timer(at, conn.to_u64());
+        ctx.set_conn_timer(conn, at, 0);
         self.clients.insert(
             conn,
             Client {
                 head: Vec::new(),
-                timer,
                 answered: false,
                 since: ctx.now(),
             },
@@ -282,14 +272,11 @@ impl Role for Admin {
         }
     }
 
-    fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, _reason: CloseReason) {
-        if let Some(c) = self.clients.remove(&conn) {
-            ctx.cancel_timer(c.timer);
-        }
+    fn on_closed(&mut self, _ctx: &mut Ctx<'_>, conn: ConnKey, _reason: CloseReason) {
+        self.clients.remove(&conn);
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _timer: TimerKey, token: u64) {
-        let conn = ConnKey::from_u64(token);
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, _: TimerKey, _: u64) {
         if let Some(c) = self.clients.get(&conn)
             && !c.answered
         {

@@ -27,9 +27,6 @@ use crate::engine::{
 };
 use crate::role::{OnFrameError, Report, Role};
 
-/// Timer token for the stdin publisher's `flush_idle` check (connection
-/// timers use `ConnKey::to_u64`, whose index never reaches `u32::MAX`).
-const STDIN_TOKEN: u64 = u64::MAX;
 /// Room reserved at a time for a batch of records (one read's worth).
 const BATCH_BYTES: usize = 64 * 1024;
 /// Bytes read from stdin per message to the loop.
@@ -103,7 +100,6 @@ struct Publisher {
     key: ConnKey,
     peer: SocketAddr,
     oversize_logged: bool,
-    flush_timer: Option<TimerKey>,
 }
 
 /// Records from standard input, decoded on the loop thread.
@@ -400,15 +396,13 @@ impl Broadcast {
         // A silent publisher must not hold its slot for ever (64 idle
         // connections would lock the real publisher out).
         ctx.set_idle_timeout(key, Some(self.config.idle_timeout));
-        let flush_timer = self
-            .config
-            .flush_idle
-            .map(|d| ctx.set_timer(ctx.now() + d, key.to_u64()));
+        if let Some(d) = self.config.flush_idle {
+            ctx.set_conn_timer(key, ctx.now() + d, 0);
+        }
         self.publishers.push(Publisher {
             key,
             peer,
             oversize_logged: false,
-            flush_timer,
         });
     }
 
@@ -482,7 +476,7 @@ impl Broadcast {
             && !st.buf.is_empty()
             && st.flush_timer.is_none()
         {
-            st.flush_timer = Some(ctx.set_timer(st.last_input + d, STDIN_TOKEN));
+            st.flush_timer = Some(ctx.set_timer(st.last_input + d, 0));
         }
         self.stdin = Some(st);
     }
@@ -523,10 +517,9 @@ impl Broadcast {
         let Some(flush) = self.config.flush_idle else {
             return;
         };
-        let Some(p) = self.publishers.iter_mut().find(|p| p.key == key) else {
+        if !self.publishers.iter().any(|p| p.key == key) {
             return;
-        };
-        p.flush_timer = None;
+        }
         let Some(last) = ctx.last_read(key) else {
             return;
         };
@@ -547,10 +540,7 @@ impl Broadcast {
         } else {
             now + flush
         };
-        let t = ctx.set_timer(at, key.to_u64());
-        if let Some(p) = self.publishers.iter_mut().find(|p| p.key == key) {
-            p.flush_timer = Some(t);
-        }
+        ctx.set_conn_timer(key, at, 0);
     }
 
     fn flush_stdin(&mut self, ctx: &mut Ctx<'_>) {
@@ -567,7 +557,7 @@ impl Broadcast {
                 st.decoder.reset();
                 self.publish(ctx, record);
             } else {
-                st.flush_timer = Some(ctx.set_timer(st.last_input + flush, STDIN_TOKEN));
+                st.flush_timer = Some(ctx.set_timer(st.last_input + flush, 0));
             }
         }
         self.stdin = Some(st);
@@ -860,9 +850,6 @@ impl Role for Broadcast {
         }
         if let Some(i) = self.publishers.iter().position(|p| p.key == conn) {
             let p = self.publishers.swap_remove(i);
-            if let Some(t) = p.flush_timer {
-                ctx.cancel_timer(t);
-            }
             let partial = ctx.pending_input(conn).len();
             if partial > 0 {
                 bump(&self.stats.partial_discarded);
@@ -876,12 +863,14 @@ impl Role for Broadcast {
         }
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, token: u64) {
-        if token == STDIN_TOKEN {
-            self.flush_stdin(ctx);
-        } else {
-            self.flush_publisher(ctx, ConnKey::from_u64(token));
-        }
+    /// The stdin publisher's `flush_idle` check (its only role timer).
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, _: u64) {
+        self.flush_stdin(ctx);
+    }
+
+    /// A TCP publisher's `flush_idle` check (its only connection timer).
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, _: TimerKey, _: u64) {
+        self.flush_publisher(ctx, conn);
     }
 
     fn on_message(&mut self, ctx: &mut Ctx<'_>, msg: Message) {

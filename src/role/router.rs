@@ -31,13 +31,11 @@ use crate::proto::router::{Id, IdTable, Identifying, Outcome, Rules, is_heartbea
 use crate::role::admission::{Admit, PER_IP_GRACE, Pending as Admission, PendingId};
 use crate::role::{Reconfigure, Report, Role};
 
-/// Timer kinds, in the top bits of a timer token (connection indices stay
-/// below 2^24, so a `ConnKey::to_u64` never reaches bit 56).
-const KIND_SHIFT: u32 = 62;
-const KIND_PENDING: u64 = 0;
-const KIND_KEEPALIVE: u64 = 1;
-const KIND_REDIAL: u64 = 2;
-const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
+/// Connection timers: a pending device's identification deadline, and
+/// an identified device's keepalive. (The one role timer, a connpt's redial,
+/// carries the connpt's index.)
+const TIMER_PENDING: u64 = 0;
+const TIMER_KEEPALIVE: u64 = 1;
 
 /// An id as people see it, in logs and in the status report: its first 32
 /// bytes, as text when they are printable ASCII, else as `hex:` and hex
@@ -144,7 +142,7 @@ fn bump(c: &AtomicU64) {
 
 /// What one connection of this role is.
 #[derive(Debug)]
-enum Link {
+enum Party {
     /// A device that has not identified yet.
     Pending(Box<Pending>),
     /// The identified device of connpt `.0`.
@@ -180,7 +178,6 @@ struct Connpt {
     backoff: Duration,
     /// When the current upstream connected.
     connected_at: Option<Instant>,
-    keepalive: Option<TimerKey>,
     /// The device is paused because a target's queue was full.
     device_paused: bool,
     /// Bytes that came with the id, waiting for every target to have room.
@@ -208,7 +205,7 @@ pub struct Router {
     by_ip: HashMap<IpAddr, u32>,
     by_addr: HashMap<SocketAddr, u32>,
     app_listeners: HashMap<ListenerId, u32>,
-    links: HashMap<ConnKey, Link>,
+    parties: HashMap<ConnKey, Party>,
     /// Unidentified connections, oldest first (bounded; the oldest makes room).
     pending: Admission<ConnKey>,
     /// Connpt slots freed by a reload, reused by the next one added.
@@ -237,7 +234,7 @@ impl Router {
             app_listeners: HashMap::with_capacity(
                 config.connpt.iter().filter(|c| c.listen.is_some()).count(),
             ),
-            links: HashMap::with_capacity(n),
+            parties: HashMap::with_capacity(n),
             pending: Admission::new(config.max_pending, config.max_pending_per_ip, PER_IP_GRACE),
             free_connpts: Vec::new(),
             warn_refused: LogLimit::default(),
@@ -291,7 +288,6 @@ impl Router {
             redial: None,
             backoff: config.reconnect_min,
             connected_at: None,
-            keepalive: None,
             device_paused: false,
             held: Vec::new(),
             since: None,
@@ -337,15 +333,15 @@ impl Router {
             return;
         };
         if let Some((dev, _)) = c.device.take() {
-            self.links.remove(&dev);
+            self.parties.remove(&dev);
             ctx.close(dev);
             self.stats.online.fetch_sub(1, Ordering::Relaxed);
         }
         for k in c.apps.drain(..).chain(c.upstream.take()) {
-            self.links.remove(&k);
+            self.parties.remove(&k);
             ctx.close(k);
         }
-        for t in [c.keepalive.take(), c.redial.take()].into_iter().flatten() {
+        if let Some(t) = c.redial.take() {
             ctx.cancel_timer(t);
         }
         c.removed = true;
@@ -459,9 +455,9 @@ impl Router {
             peer,
             slot,
             ident,
-            timer: Some((ctx.set_timer(at, token(KIND_PENDING, key)), at)),
+            timer: ctx.set_conn_timer(key, at, TIMER_PENDING).map(|t| (t, at)),
         };
-        self.links.insert(key, Link::Pending(Box::new(pending)));
+        self.parties.insert(key, Party::Pending(Box::new(pending)));
         debug!(
             "{}: device {peer} connected ({key}), waiting for its id",
             self.config.name
@@ -470,7 +466,7 @@ impl Router {
 
     /// Leave the pending state (counts and timer).
     fn take_pending(&mut self, ctx: &mut Ctx<'_>, key: ConnKey) -> Option<Box<Pending>> {
-        let Some(Link::Pending(p)) = self.links.remove(&key) else {
+        let Some(Party::Pending(p)) = self.parties.remove(&key) else {
             return None;
         };
         if let Some((t, _)) = p.timer {
@@ -485,7 +481,7 @@ impl Router {
         match outcome {
             Outcome::Wait => {
                 // Keep the timer at the identification's deadline.
-                let Some(Link::Pending(p)) = self.links.get_mut(&key) else {
+                let Some(Party::Pending(p)) = self.parties.get_mut(&key) else {
                     return;
                 };
                 let at = p.ident.deadline();
@@ -495,7 +491,7 @@ impl Router {
                 if let Some((t, _)) = p.timer.take() {
                     ctx.cancel_timer(t);
                 }
-                p.timer = Some((ctx.set_timer(at, token(KIND_PENDING, key)), at));
+                p.timer = ctx.set_conn_timer(key, at, TIMER_PENDING).map(|t| (t, at));
             }
             Outcome::Identified { connpt, data_start } => {
                 if let Some(p) = self.take_pending(ctx, key) {
@@ -576,10 +572,7 @@ impl Router {
                 Duplicate::Replace => {
                     info!("{name}: {} taken over by {peer} (was {old_peer})", c.name);
                     bump(&self.stats.replaced);
-                    self.links.remove(&old);
-                    if let Some(t) = c.keepalive.take() {
-                        ctx.cancel_timer(t);
-                    }
+                    self.parties.remove(&old);
                     ctx.abort(old);
                     self.stats.online.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -594,13 +587,13 @@ impl Router {
         for s in c.upstream.iter().chain(c.apps.iter()) {
             ctx.resume_reading(*s);
         }
-        self.links.insert(key, Link::Device(i));
+        self.parties.insert(key, Party::Device(i));
         bump(&self.stats.online);
         bump(&self.stats.identified_total);
         ctx.set_idle_timeout(key, Some(self.config.idle_timeout));
         if self.config.keepalive.is_some() {
             let at = ctx.now() + self.config.keepalive_interval;
-            c.keepalive = Some(ctx.set_timer(at, token(KIND_KEEPALIVE, key)));
+            ctx.set_conn_timer(key, at, TIMER_KEEPALIVE);
         }
         if c.connect.is_some() && c.upstream.is_none() && c.redial.is_none() {
             self.dial(ctx, i);
@@ -633,7 +626,7 @@ impl Router {
                     ctx.send(up, id).ok();
                 }
                 c.upstream = Some(up);
-                self.links.insert(up, Link::Upstream(i));
+                self.parties.insert(up, Party::Upstream(i));
             }
             Err(e) => {
                 warn!("{name}: {} cannot dial {addr}: {e}", c.name);
@@ -652,8 +645,7 @@ impl Router {
         }
         let wait = c.backoff;
         c.backoff = (c.backoff * 2).min(max);
-        c.redial =
-            Some(ctx.set_timer(ctx.now() + wait, (KIND_REDIAL << KIND_SHIFT) | u64::from(i)));
+        c.redial = Some(ctx.set_timer(ctx.now() + wait, u64::from(i)));
     }
 
     /// Bytes from the device of connpt `i` (its id already taken off).
@@ -794,21 +786,18 @@ impl Router {
             c.name,
             peer.map(|p| p.to_string()).unwrap_or_default()
         );
-        if let Some(t) = c.keepalive.take() {
-            ctx.cancel_timer(t);
-        }
         if let Some(t) = c.redial.take() {
             ctx.cancel_timer(t);
         }
         c.backoff = self.config.reconnect_min;
         c.connected_at = None;
         if let Some(up) = c.upstream.take() {
-            self.links.remove(&up);
+            self.parties.remove(&up);
             ctx.close(up);
         }
         if offline == Offline::Close {
             for app in c.apps.drain(..) {
-                self.links.remove(&app);
+                self.parties.remove(&app);
                 ctx.close(app);
             }
         } else {
@@ -817,10 +806,6 @@ impl Router {
             }
         }
     }
-}
-
-fn token(kind: u64, key: ConnKey) -> u64 {
-    (kind << KIND_SHIFT) | key.to_u64()
 }
 
 impl Role for Router {
@@ -1056,18 +1041,18 @@ impl Role for Router {
         }
         c.apps.push(conn);
         debug!("{name}: application {peer} attached to {}", c.name);
-        self.links.insert(conn, Link::App(i));
+        self.parties.insert(conn, Party::App(i));
     }
 
     fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
-        let link = match self.links.get_mut(&conn) {
-            Some(Link::Pending(p)) => {
+        let link = match self.parties.get_mut(&conn) {
+            Some(Party::Pending(p)) => {
                 let outcome = p.ident.push(&self.rules, &self.ids, frame.raw, ctx.now());
                 self.settle(ctx, conn, outcome);
                 return;
             }
-            Some(Link::Device(i)) => Some((true, *i)),
-            Some(Link::App(i) | Link::Upstream(i)) => Some((false, *i)),
+            Some(Party::Device(i)) => Some((true, *i)),
+            Some(Party::App(i) | Party::Upstream(i)) => Some((false, *i)),
             None => return,
         };
         match link {
@@ -1078,16 +1063,16 @@ impl Role for Router {
     }
 
     fn on_writable(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
-        match self.links.get(&conn) {
+        match self.parties.get(&conn) {
             // A target of the device drained: let the device talk again.
-            Some(Link::App(i) | Link::Upstream(i)) => {
+            Some(Party::App(i) | Party::Upstream(i)) => {
                 let i = *i;
                 if let Some((device, _)) = self.connpts.get(i as usize).and_then(|c| c.device) {
                     self.hold_device_if_needed(ctx, i, device);
                 }
             }
             // The device drained: let its senders talk again.
-            Some(Link::Device(i)) => {
+            Some(Party::Device(i)) => {
                 let i = *i;
                 if let Some(c) = self.connpts.get(i as usize) {
                     for s in c.upstream.iter().chain(c.apps.iter()) {
@@ -1100,7 +1085,7 @@ impl Role for Router {
     }
 
     fn on_connected(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey) {
-        if let Some(Link::Upstream(i)) = self.links.get(&conn) {
+        if let Some(Party::Upstream(i)) = self.parties.get(&conn) {
             let i = *i;
             let now = ctx.now();
             if let Some(c) = self.connpt(i) {
@@ -1118,8 +1103,8 @@ impl Role for Router {
     }
 
     fn on_closed(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, reason: CloseReason) {
-        match self.links.get(&conn) {
-            Some(Link::Pending(_)) => {
+        match self.parties.get(&conn) {
+            Some(Party::Pending(_)) => {
                 if let Some(p) = self.take_pending(ctx, conn) {
                     debug!(
                         "{}: device {} left before identifying ({reason})",
@@ -1127,9 +1112,9 @@ impl Role for Router {
                     );
                 }
             }
-            Some(Link::Device(i)) => {
+            Some(Party::Device(i)) => {
                 let i = *i;
-                self.links.remove(&conn);
+                self.parties.remove(&conn);
                 if self
                     .connpts
                     .get(i as usize)
@@ -1139,9 +1124,9 @@ impl Role for Router {
                     self.device_gone(ctx, i, reason);
                 }
             }
-            Some(Link::App(i)) => {
+            Some(Party::App(i)) => {
                 let i = *i;
-                self.links.remove(&conn);
+                self.parties.remove(&conn);
                 if let Some(c) = self.connpt(i) {
                     c.apps.retain(|a| *a != conn);
                 }
@@ -1150,9 +1135,9 @@ impl Role for Router {
                     self.hold_device_if_needed(ctx, i, device);
                 }
             }
-            Some(Link::Upstream(i)) => {
+            Some(Party::Upstream(i)) => {
                 let i = *i;
-                self.links.remove(&conn);
+                self.parties.remove(&conn);
                 let name = self.config.name.clone();
                 let (min, stable) = (self.config.reconnect_min, self.config.reconnect_max);
                 let now = ctx.now();
@@ -1174,21 +1159,30 @@ impl Role for Router {
         }
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, token: u64) {
-        let kind = token >> KIND_SHIFT;
-        let key = ConnKey::from_u64(token & TOKEN_MASK);
-        match kind {
-            KIND_PENDING => {
+    /// A connpt's redial (the role's only own timer; `i` is the connpt).
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, i: u64) {
+        let Ok(i) = u32::try_from(i) else { return };
+        if let Some(c) = self.connpt(i) {
+            c.redial = None;
+            if c.device.is_some() && c.upstream.is_none() {
+                self.dial(ctx, i);
+            }
+        }
+    }
+
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, _: TimerKey, purpose: u64) {
+        match purpose {
+            TIMER_PENDING => {
                 let now = ctx.now();
-                let Some(Link::Pending(p)) = self.links.get_mut(&key) else {
+                let Some(Party::Pending(p)) = self.parties.get_mut(&key) else {
                     return;
                 };
                 p.timer = None;
                 let outcome = p.ident.timeout(&self.rules, &self.ids, now);
                 self.settle(ctx, key, outcome);
             }
-            KIND_KEEPALIVE => {
-                let Some(Link::Device(i)) = self.links.get(&key) else {
+            TIMER_KEEPALIVE => {
+                let Some(Party::Device(i)) = self.parties.get(&key) else {
                     return;
                 };
                 let i = *i;
@@ -1197,17 +1191,8 @@ impl Role for Router {
                     ctx.send(key, &bytes.0).ok();
                 }
                 let at = ctx.now() + interval;
-                if let Some(c) = self.connpt(i) {
-                    c.keepalive = Some(ctx.set_timer(at, token));
-                }
-            }
-            KIND_REDIAL => {
-                let i = (token & u64::from(u32::MAX)) as u32;
-                if let Some(c) = self.connpt(i) {
-                    c.redial = None;
-                    if c.device.is_some() && c.upstream.is_none() {
-                        self.dial(ctx, i);
-                    }
+                if self.connpt(i).is_some() {
+                    ctx.set_conn_timer(key, at, TIMER_KEEPALIVE);
                 }
             }
             _ => {}

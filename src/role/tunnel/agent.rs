@@ -17,7 +17,7 @@ use hashbrown::HashMap;
 use log::{debug, info, warn};
 
 use super::rng::Rng;
-use super::{Links, link_keepalive, report_stats, token};
+use super::{Links, link_keepalive, report_stats};
 use crate::codec::tunnel::ext;
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelAgentConfig;
@@ -299,7 +299,7 @@ impl TunnelAgent {
         self.backoff = (self.backoff * 2).min(self.config.reconnect_max);
         info!("{}: {why}; reconnecting in {wait:?}", self.label());
         self.set_state(AgentState::Waiting, Some(why), 0);
-        ctx.set_timer(now + wait, token::RECONNECT);
+        ctx.set_timer(now + wait, 0);
     }
 
     /// New addresses for `local`: streams start again at the first one.
@@ -694,15 +694,18 @@ impl Role for TunnelAgent {
         }
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, tok: u64) {
-        let (kind, li) = token::split(tok);
-        match kind {
-            token::RECONNECT if !self.stopping => self.dial(ctx),
-            token::SESSION => {
-                self.mux.on_timer(ctx, li, timer);
-                self.link_events(ctx, li);
-            }
-            _ => {}
+    /// The next dial (the role's only own timer).
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: TimerKey, _: u64) {
+        if !self.stopping {
+            self.dial(ctx);
+        }
+    }
+
+    /// The link's session deadline (its only connection timer).
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, timer: TimerKey, _: u64) {
+        if let Some(li) = self.link.filter(|_| self.link_conn == Some(conn)) {
+            self.mux.on_timer(ctx, li, timer);
+            self.link_events(ctx, li);
         }
     }
 

@@ -206,6 +206,7 @@ impl<X> Links<X> {
     /// (`ECONNRESET`), not the FIN of a complete transfer.
     pub(crate) fn remove(&mut self, ctx: &mut Ctx<'_>, li: usize) -> Option<Link<X>> {
         let mut link = self.links.try_remove(li)?;
+        // Its timer goes with its connection (closed by the caller, or gone).
         if let Some((_, t)) = link.timer.take() {
             ctx.cancel_timer(t);
         }
@@ -296,7 +297,7 @@ impl<X> Links<X> {
                 ctx.cancel_timer(t);
             }
             if let Some(at) = want {
-                link.timer = Some((at, ctx.set_timer(at, token::SESSION | li as u64)));
+                link.timer = ctx.set_conn_timer(link.conn, at, 0).map(|t| (at, t));
             }
         }
         alive
@@ -511,18 +512,6 @@ impl<X> Links<X> {
         link.timer = None;
         link.session.handle_timeout(now);
         self.drive(ctx, li);
-    }
-}
-
-/// Timer tokens: a kind in the top byte, a link index below.
-pub(crate) mod token {
-    /// A session's deadline (handshake, heartbeat).
-    pub(crate) const SESSION: u64 = 1 << 56;
-    /// Agent: the next dial.
-    pub(crate) const RECONNECT: u64 = 3 << 56;
-
-    pub(crate) fn split(token: u64) -> (u64, usize) {
-        (token & (0xff << 56), (token & 0xffff_ffff) as usize)
     }
 }
 

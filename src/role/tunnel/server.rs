@@ -14,7 +14,7 @@ use hashbrown::HashMap;
 use log::{debug, error, info, warn};
 
 use super::rng::Rng;
-use super::{Links, link_keepalive, report_stats, token};
+use super::{Links, link_keepalive, report_stats};
 use crate::codec::Frame;
 use crate::codec::Framing;
 use crate::codec::tunnel::{ext, reject};
@@ -756,9 +756,9 @@ impl Role for TunnelServer {
         }
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: TimerKey, tok: u64) {
-        let (kind, li) = token::split(tok);
-        if kind == token::SESSION {
+    /// A link's session deadline (the role's only timers).
+    fn on_conn_timer(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, timer: TimerKey, _: u64) {
+        if let Some(&li) = self.links_by_conn.get(&conn) {
             self.mux.on_timer(ctx, li, timer);
             self.link_events(ctx, li);
         }
