@@ -148,7 +148,10 @@ impl Core {
             generation,
             role,
             state: if outbound {
-                State::Connecting
+                State::Connecting {
+                    timeout: None,
+                    close_after: None,
+                }
             } else {
                 State::Open
             },
@@ -165,13 +168,10 @@ impl Core {
             last_active: self.now,
             idle_timeout: None,
             idle_timer: None,
-            aux_timer: None,
             read_closed: false,
             shut_write: ShutWrite::No,
             notify_writable: false,
             in_ready_list: false,
-            never_connected: outbound,
-            close_when_connected: None,
             stall_timeout: None,
             stall_timer: None,
             last_progress: self.now,

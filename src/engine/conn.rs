@@ -48,25 +48,31 @@ impl Readiness {
     }
 }
 
-/// Where a connection is in its life.
+/// Where a connection is in its life, and what each phase holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
-    /// Outbound connect in progress.
-    Connecting,
-    /// Reading and writing.
+    /// Outbound connect in progress, until `timeout` fires.
+    Connecting {
+        timeout: Option<TimerKey>,
+        /// The role closed it with bytes queued: connect, flush, then close.
+        close_after: Option<CloseReason>,
+    },
+    /// Reading and writing (each direction may be shut: `read_closed`,
+    /// `shut_write`).
     Open,
     /// Closed by the role: flushing the send queue (input is read and
-    /// discarded), then [`State::Draining`].
-    Closing,
+    /// discarded) until `linger` fires, then [`State::Draining`].
+    Closing { linger: Option<TimerKey> },
     /// A graceful close sent its FIN: input is read and discarded until the
     /// peer's EOF, or `engine.linger`, before the socket is closed. Closing a
     /// socket that holds unread input makes the kernel send a reset and drop
     /// what it has not yet sent, so the peer would lose bytes it was owed.
     /// The role has had [`crate::Role::on_closed`]: the key is stale, and the
     /// connection belongs to the engine alone.
-    Draining,
+    Draining { linger: Option<TimerKey> },
     /// Deregistered; waiting for slab removal at the end of the batch.
-    Closed,
+    /// `connected`: false for an outbound connect that never completed.
+    Closed { connected: bool },
 }
 
 /// The sending side of a connection that keeps reading (half-close).
@@ -99,18 +105,11 @@ pub(crate) struct Conn {
     pub(crate) last_active: Instant,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) idle_timer: Option<TimerKey>,
-    /// Connect timeout while `Connecting`, linger deadline while `Closing`.
-    pub(crate) aux_timer: Option<TimerKey>,
     pub(crate) read_closed: bool,
     /// [`crate::Ctx::shutdown_write`]: send FIN once the queue is flushed.
     pub(crate) shut_write: ShutWrite,
     pub(crate) notify_writable: bool,
     pub(crate) in_ready_list: bool,
-    /// Set when the connection was an outbound connect that never completed.
-    pub(crate) never_connected: bool,
-    /// `Ctx::close` came while connecting with bytes queued: close (after
-    /// flushing) once connected.
-    pub(crate) close_when_connected: Option<CloseReason>,
     /// Close when the send queue has been non-empty and unmoved this long.
     pub(crate) stall_timeout: Option<Duration>,
     pub(crate) stall_timer: Option<TimerKey>,
@@ -127,7 +126,9 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn can_read(&self) -> bool {
-        self.state == State::Open && !self.read_closed && self.readiness.interest & READABLE != 0
+        matches!(self.state, State::Open)
+            && !self.read_closed
+            && self.readiness.interest & READABLE != 0
     }
 
     /// The key of this connection, in slab slot `index`: the one place a
@@ -146,11 +147,13 @@ impl Conn {
     /// or linger, stall) and those its role set for it
     /// ([`crate::Ctx::set_conn_timer`]).
     pub(crate) fn cancel_timers(&mut self, timers: &mut Timers<TimerOwner>) {
-        let own = [
-            self.idle_timer.take(),
-            self.aux_timer.take(),
-            self.stall_timer.take(),
-        ];
+        let phase = match &mut self.state {
+            State::Connecting { timeout: t, .. }
+            | State::Closing { linger: t }
+            | State::Draining { linger: t } => t.take(),
+            State::Open | State::Closed { .. } => None,
+        };
+        let own = [self.idle_timer.take(), phase, self.stall_timer.take()];
         for t in own.into_iter().flatten().chain(self.role_timers.drain(..)) {
             timers.cancel(t);
         }
@@ -164,7 +167,10 @@ impl Conn {
     /// Whether the role may still use the connection: not closed, and not
     /// draining after a close the role has been told of.
     pub(crate) fn is_live(&self) -> bool {
-        matches!(self.state, State::Connecting | State::Open | State::Closing)
+        matches!(
+            self.state,
+            State::Connecting { .. } | State::Open | State::Closing { .. }
+        )
     }
 
     /// How many bytes a read into `space` free bytes asks for.

@@ -28,7 +28,7 @@ impl Core {
     pub(super) fn socket_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
         self.conns
             .get_mut(key.index as usize)
-            .filter(|c| c.named_by(key) && c.state != State::Closed)
+            .filter(|c| c.named_by(key) && !matches!(c.state, State::Closed { .. }))
     }
 
     /// The queue of a graceful close is flushed: send FIN, and unless the
@@ -56,15 +56,12 @@ impl Core {
                 return;
             }
         }
-        c.state = State::Draining;
-        Stats::add(&self.shared.stats.draining, 1);
         c.readiness.interest &= !READABLE;
         c.tx.release(&mut self.pool);
         c.cancel_timers(&mut self.timers);
         let t = self.timers.insert(now + linger, TimerOwner::Linger(key));
-        if let Some(c) = self.conns.get_mut(idx) {
-            c.aux_timer = Some(t);
-        }
+        c.state = State::Draining { linger: Some(t) };
+        Stats::add(&self.shared.stats.draining, 1);
         self.closed.push(idx);
         // Input may be waiting already, and no new edge would announce it.
         self.mark_ready(idx);
@@ -82,21 +79,24 @@ impl Core {
                 self.finish_close(key.index as usize);
             }
             State::Open => {
-                c.state = State::Closing;
                 c.reason = reason;
                 c.readiness.interest &= !READABLE;
+                c.state = State::Closing { linger: None };
                 let t = self.timers.insert(now + linger, TimerOwner::Linger(key));
-                if let Some(c) = self.conn_mut(key) {
-                    c.aux_timer = Some(t);
+                if let Some(State::Closing { linger }) = self.conn_mut(key).map(|c| &mut c.state) {
+                    *linger = Some(t);
                 }
                 self.mark_ready(key.index as usize);
             }
-            State::Connecting if !c.tx.is_empty() => {
+            State::Connecting {
+                ref mut close_after,
+                ..
+            } if !c.tx.is_empty() => {
                 // Connect, flush what was queued, then close (see finish_connect).
-                c.close_when_connected = Some(reason);
+                *close_after = Some(reason);
             }
-            State::Connecting => self.close_now(key.index as usize, reason),
-            State::Closing | State::Draining | State::Closed => {}
+            State::Connecting { .. } => self.close_now(key.index as usize, reason),
+            State::Closing { .. } | State::Draining { .. } | State::Closed { .. } => {}
         }
     }
 
@@ -105,18 +105,22 @@ impl Core {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
-        match c.state {
-            State::Closed => return,
-            State::Draining => Stats::sub(&self.shared.stats.draining, 1),
-            _ => {}
-        }
+        let connected = match c.state {
+            State::Closed { .. } => return,
+            State::Draining { .. } => {
+                Stats::sub(&self.shared.stats.draining, 1);
+                true
+            }
+            State::Connecting { .. } => false,
+            State::Open | State::Closing { .. } => true,
+        };
         if let Err(e) = self.poll.registry().deregister(&mut c.sock) {
             debug!("c{idx}: deregister failed: {e}");
         }
         c.reason = reason;
-        c.state = State::Closed;
-        c.tx.clear(&mut self.pool);
         c.cancel_timers(&mut self.timers);
+        c.state = State::Closed { connected };
+        c.tx.clear(&mut self.pool);
         self.closed.push(idx);
     }
 

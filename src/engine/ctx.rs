@@ -597,8 +597,10 @@ impl Ctx<'_> {
         let key = core.insert_conn(sock, addr, self.role, opts.framing, opts.queue_bytes, true)?;
         let timeout = opts.timeout.unwrap_or(core.config.connect_timeout);
         let at = core.now + timeout;
-        if let Some(c) = core.conns.get_mut(key.index as usize) {
-            c.aux_timer = Some(core.timers.insert(at, TimerOwner::Connect(key)));
+        if let Some(c) = core.conns.get_mut(key.index as usize)
+            && let State::Connecting { timeout, .. } = &mut c.state
+        {
+            *timeout = Some(core.timers.insert(at, TimerOwner::Connect(key)));
         }
         debug!("{key} connecting to {addr}");
         Ok(key)
@@ -676,7 +678,7 @@ fn sendable(conns: &mut Slab<Conn>, key: ConnKey) -> Result<&mut Conn, SendError
     match conns.get_mut(key.index as usize) {
         Some(c)
             if c.named_by(key)
-                && matches!(c.state, State::Open | State::Connecting)
+                && matches!(c.state, State::Open | State::Connecting { .. })
                 && c.shut_write == ShutWrite::No =>
         {
             Ok(c)

@@ -153,9 +153,9 @@ impl Engine {
                 }
                 TimerOwner::Connect(key) => {
                     if let Some(c) = self.core.conn_mut(key)
-                        && c.state == State::Connecting
+                        && let State::Connecting { timeout, .. } = &mut c.state
                     {
-                        c.aux_timer = None;
+                        *timeout = None;
                         debug!("{key} connect to {} timed out", c.peer);
                         self.core
                             .close_now(key.index as usize, CloseReason::ConnectTimeout);
@@ -165,14 +165,15 @@ impl Engine {
                     let Some(c) = self.core.socket_mut(key) else {
                         continue;
                     };
-                    c.aux_timer = None;
-                    match c.state {
-                        State::Closing => {
+                    match &mut c.state {
+                        State::Closing { linger } => {
+                            *linger = None;
                             debug!("{key} could not flush {} bytes in time", c.tx.len());
                             self.core
                                 .close_now(key.index as usize, CloseReason::LingerTimeout);
                         }
-                        State::Draining => {
+                        State::Draining { linger } => {
+                            *linger = None;
                             debug!("{key} peer did not close within the linger time");
                             let reason = c.reason;
                             self.core.close_now(key.index as usize, reason);
@@ -345,7 +346,7 @@ impl Engine {
             let Some(c) = self.core.conns.get(idx) else {
                 continue;
             };
-            if !matches!(c.state, State::Closed | State::Draining) {
+            if !matches!(c.state, State::Closed { .. } | State::Draining { .. }) {
                 continue;
             }
             if !c.told {
@@ -354,7 +355,7 @@ impl Engine {
             let Some(c) = self.core.conns.get_mut(idx) else {
                 continue;
             };
-            if c.state == State::Draining {
+            if matches!(c.state, State::Draining { .. }) {
                 // Told; the role's last look at its input is over.
                 if let Some(b) = c.rx.take() {
                     self.core.pool.give_back(b);
@@ -378,8 +379,9 @@ impl Engine {
         };
         c.told = true;
         let key = c.key(idx);
-        let (role, reason, never_connected) = (c.role, c.reason, c.never_connected);
-        if c.state == State::Draining {
+        let never_connected = matches!(c.state, State::Closed { connected: false });
+        let (role, reason) = (c.role, c.reason);
+        if matches!(c.state, State::Draining { .. }) {
             debug!("{key} closed ({reason}); reading until the peer closes");
         } else {
             debug!("{key} closed ({reason})");

@@ -34,13 +34,13 @@ impl Engine {
         };
         c.in_ready_list = false;
         match c.state {
-            State::Closed => return,
-            State::Connecting => {
+            State::Closed { .. } => return,
+            State::Connecting { .. } => {
                 if !self.finish_connect(idx) {
                     return;
                 }
             }
-            State::Closing | State::Draining => {
+            State::Closing { .. } | State::Draining { .. } => {
                 self.core.write_queued(idx, WRITE_BUDGET);
                 self.core.discard_input(idx);
                 return;
@@ -81,28 +81,30 @@ impl Engine {
             self.core.close_now(idx, CloseReason::Io(e.kind()));
             return false;
         }
-        c.state = State::Open;
-        c.never_connected = false;
+        let close_after = match std::mem::replace(&mut c.state, State::Open) {
+            State::Connecting {
+                timeout,
+                close_after,
+            } => {
+                if let Some(t) = timeout {
+                    self.core.timers.cancel(t);
+                }
+                close_after
+            }
+            _ => None,
+        };
         c.last_active = self.core.now;
-        if let Some(t) = c.aux_timer.take() {
-            self.core.timers.cancel(t);
-        }
         Stats::add(&self.core.shared.stats.connected_total, 1);
         debug!("{key} connected to {}", c.peer);
         let role = c.role;
         self.call(role, |r, ctx| r.on_connected(ctx, key));
-        if let Some(reason) = self
-            .core
-            .conns
-            .get_mut(idx)
-            .and_then(|c| c.close_when_connected.take())
-        {
+        if let Some(reason) = close_after {
             self.core.close_gracefully(key, reason);
         }
         self.core
             .conns
             .get(idx)
-            .is_some_and(|c| c.state != State::Closed)
+            .is_some_and(|c| !matches!(c.state, State::Closed { .. }))
     }
 
     /// Read until `WouldBlock`, EOF, the read budget, or the role pauses;
@@ -213,7 +215,7 @@ impl Engine {
             let Some(c) = self.core.conns.get_mut(idx) else {
                 return (false, frames);
             };
-            if c.state != State::Open || c.readiness.interest & READABLE == 0 {
+            if !matches!(c.state, State::Open) || c.readiness.interest & READABLE == 0 {
                 return (false, frames);
             }
             if rx.is_empty() {
@@ -273,7 +275,7 @@ impl Engine {
         let Some(c) = self.core.conns.get_mut(idx) else {
             return;
         };
-        if c.state != State::Open || !c.tx.is_empty() || !c.notify_writable {
+        if !matches!(c.state, State::Open) || !c.tx.is_empty() || !c.notify_writable {
             return;
         }
         c.notify_writable = false;
@@ -350,7 +352,7 @@ impl Core {
         let Some(c) = self.conns.get_mut(idx) else {
             return 0;
         };
-        if !matches!(c.state, State::Open | State::Closing) {
+        if !matches!(c.state, State::Open | State::Closing { .. }) {
             return 0;
         }
         let key = c.key(idx);
@@ -394,14 +396,14 @@ impl Core {
             return total;
         }
         c.tx.release(&mut self.pool);
-        if c.shut_write == ShutWrite::Pending && c.state == State::Open {
+        if c.shut_write == ShutWrite::Pending && matches!(c.state, State::Open) {
             c.shut_write = ShutWrite::Done;
             match c.sock.shutdown(std::net::Shutdown::Write) {
                 Ok(()) => debug!("{key} sending side shut down"),
                 Err(e) => debug!("{key} shutdown(write) failed: {e}"),
             }
         }
-        if c.state == State::Closing {
+        if matches!(c.state, State::Closing { .. }) {
             self.finish_close(idx);
         }
         total
@@ -414,7 +416,7 @@ impl Core {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
-        if c.read_closed || !matches!(c.state, State::Closing | State::Draining) {
+        if c.read_closed || !matches!(c.state, State::Closing { .. } | State::Draining { .. }) {
             return;
         }
         let mut scratch = self.pool.take();
@@ -429,7 +431,7 @@ impl Core {
                 Ok(0) => {
                     c.read_closed = true;
                     c.readiness.event &= !READABLE;
-                    if c.state == State::Draining {
+                    if matches!(c.state, State::Draining { .. }) {
                         outcome = Some(c.reason);
                     }
                     break;
@@ -445,7 +447,7 @@ impl Core {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    outcome = Some(if c.state == State::Draining {
+                    outcome = Some(if matches!(c.state, State::Draining { .. }) {
                         c.reason
                     } else {
                         CloseReason::Io(e.kind())
