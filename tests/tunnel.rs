@@ -10,6 +10,11 @@
 //! The server's link listener binds port 0 and is read back from the engine
 //! (`addrs[0]`); a service's public port is 0 too and is read from the stats
 //! once an agent is linked.
+//!
+//! The session's own rules (handshake, ids, credit and window growth,
+//! half-close, close-ack, heartbeat schedule, counters) are unit-tested on
+//! a virtual clock in `src/proto/tunnel/tests.rs`; what is here is what
+//! only the roles, the engine and real sockets can show.
 
 #![allow(
     clippy::unwrap_used,
@@ -603,75 +608,7 @@ fn agent_talks_to_a_base_server_written_here() {
     assert_eq!(load(&service.accepted), 3);
 }
 
-#[test]
-fn agent_with_token_refuses_a_base_server() {
-    let service = LocalService::echo();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let agent = start_agent(&agent_config(&agent_toml(
-        "dev1",
-        listener.local_addr().unwrap(),
-        service.addr,
-        "token = \"s3cret-0123456789\"",
-    )));
-    let mut link = accept_link(&listener);
-    let p = expect_frame(&mut link, Command::Listen, 0);
-    let req = ListenRequest::parse(&p).unwrap();
-    assert_ne!(req.flags & ext::AUTH, 0, "a token: AUTH asked for");
-    send_frame(&mut link, Command::Connect, 1, &[]);
-    expect_link_closed(&mut link);
-    assert_eq!(load(&service.accepted), 0, "no stream was opened");
-    assert_eq!(load(&agent.stats.links_total), 0);
-    assert_ne!(agent.stats.agent().unwrap().0, AgentState::Up);
-}
-
 // ===== 4. authentication =====
-
-#[test]
-fn wrong_token_is_rejected_by_hand() {
-    let server = start_simple_server("svc", Some("right-0123456789"), "");
-    let mut link = connect(server.link);
-    let na = [0x11; NONCE_LEN];
-    let hello = hand_listen(&mut link, ext::AUTH | ext::CLOSE_ACK, na, b"svc");
-    assert_eq!(hello.flags, ext::AUTH | ext::CLOSE_ACK);
-    let bad = agent_tag(b"wrong-0123456789", &na, &hello.nonce, hello.flags, b"svc");
-    send_frame(&mut link, Command::Auth, 0, &bad);
-    expect_reject(&mut link, reject::AUTH_FAILED);
-    assert_eq!(load(&server.stats.auth_failed_total), 1);
-    assert_eq!(load(&server.stats.rejected_total), 1);
-    assert_eq!(server.stats.public_addr("svc"), None);
-    assert_eq!(load(&server.stats.links), 0);
-}
-
-#[test]
-fn agent_with_wrong_token_gets_auth_failed() {
-    let service = LocalService::echo();
-    let server = start_simple_server("svc", Some("right-0123456789"), "");
-    let agent = start_agent(&agent_config(&agent_toml(
-        "svc",
-        server.link,
-        service.addr,
-        "token = \"wrong-0123456789\"\nreconnect_min = \"30s\"",
-    )));
-    wait_count(
-        "the server's AUTH failure",
-        &server.stats.auth_failed_total,
-        1,
-    );
-    wait_count(
-        "the agent's AUTH failure",
-        &agent.stats.auth_failed_total,
-        1,
-    );
-    wait_for(
-        "the agent to wait for its next attempt",
-        WAIT,
-        || matches!(agent.stats.agent(), Some((AgentState::Waiting, _, _))),
-        || agent.stats.agent(),
-    );
-    assert_eq!(load(&agent.stats.rejected_total), 1);
-    assert_eq!(server.stats.public_addr("svc"), None);
-    assert_eq!(load(&agent.stats.links_total), 0);
-}
 
 /// `TunnelStats::agent()` promises "the last error"; `fail()` records why the
 /// link was dropped (REJECT reason, base server, bad READY tag) but the
@@ -1021,44 +958,7 @@ fn close_while_the_client_uploads_delivers_the_whole_answer() {
     link_reader.join().unwrap();
 }
 
-// ===== 8. max_streams =====
-
-#[test]
-fn server_max_streams_refuses_the_extra_client() {
-    let service = LocalService::echo();
-    let server = start_simple_server("svc", None, "max_streams = 2");
-    let agent = start_agent(&agent_config(&agent_toml(
-        "svc",
-        server.link,
-        service.addr,
-        "",
-    )));
-    wait_agent_up(&agent);
-    let public = wait_public(&server.stats, "svc");
-
-    let mut a = connect(public);
-    a.write_all(b"a").unwrap();
-    expect_bytes(&mut a, b"a");
-    let mut b = connect(public);
-    b.write_all(b"b").unwrap();
-    expect_bytes(&mut b, b"b");
-    assert_eq!(load(&server.stats.streams), 2);
-
-    let mut c = connect(public);
-    expect_closed(&mut c);
-    assert_eq!(load(&server.stats.refused_total), 1);
-    assert_eq!(load(&server.stats.streams_total), 2);
-
-    drop(a);
-    wait_count("one stream left", &server.stats.streams, 1);
-    let mut d = connect(public);
-    d.write_all(b"d").unwrap();
-    expect_bytes(&mut d, b"d");
-    // b is unaffected.
-    b.write_all(b"b2").unwrap();
-    expect_bytes(&mut b, b"b2");
-    assert_eq!(load(&server.stats.refused_total), 1);
-}
+// ===== 8. ids =====
 
 /// Base mode: ids the server closed stay out of rotation for `id_quarantine`.
 /// A base agent written here sees 256 clients come and go; then every id is
@@ -1300,8 +1200,6 @@ fn credit_above_u32_closes_the_link() {
 struct Seen {
     /// Per stream: the most credit the agent held at once.
     held: Vec<u64>,
-    /// The most credit the agent held on all streams together.
-    held_sum: u64,
     /// The most `window_grown_bytes` the server reported meanwhile.
     grown_max: u64,
 }
@@ -1394,13 +1292,10 @@ fn credit_flood(server: &Server, streams: usize, bytes: u64) -> Flood {
                     .expect("WINDOW for an unknown id");
                 let inc = u32::from_be_bytes(p.try_into().expect("a 4-byte WINDOW"));
                 granted[i].fetch_add(u64::from(inc), Ordering::SeqCst);
-                let mut sum = 0;
                 for (j, h) in seen.held.iter_mut().enumerate() {
                     let now = load(&granted[j]).saturating_sub(load(&sent[j]));
                     *h = (*h).max(now);
-                    sum += now;
                 }
-                seen.held_sum = seen.held_sum.max(sum);
             }
         })
     };
@@ -1475,36 +1370,6 @@ fn credit_window_grows_on_a_fast_stream_up_to_max_window() {
     wait_count("the stream to close", &server.stats.streams, 0);
     let seen = flood.close_link();
     assert!(seen.held[0] <= MAX_WINDOW, "{seen:?}");
-    assert_eq!(load(&server.stats.credit_violations_total), 0);
-}
-
-#[test]
-fn credit_window_growth_of_a_link_stays_within_link_window() {
-    let _alone = timing_lock();
-    const STREAMS: u64 = 4;
-    const WINDOW: u64 = 64 * 1024;
-    const LINK_WINDOW: u64 = 256 * 1024;
-    let server = start_simple_server(
-        "open",
-        None,
-        &format!("window = {WINDOW}\nmax_window = 1048576\nlink_window = {LINK_WINDOW}\n"),
-    );
-    let flood = credit_flood(&server, STREAMS as usize, 8 * 1024 * 1024);
-    // Each stream alone could grow to 1 MiB: the budget is what stops them.
-    assert_eq!(load(&server.stats.window_grown_bytes), LINK_WINDOW);
-    // The link going away gives its growth back.
-    let seen = flood.close_link();
-    wait_count("the growth to go back", &server.stats.window_grown_bytes, 0);
-    wait_count("the streams to close", &server.stats.streams, 0);
-    let bound = STREAMS * WINDOW + LINK_WINDOW;
-    assert!(
-        seen.held_sum <= bound,
-        "{STREAMS} streams held {} bytes of credit together, above {STREAMS} x window + \
-         link_window = {bound}: {seen:?}",
-        seen.held_sum,
-    );
-    assert!(seen.held_sum > STREAMS * WINDOW, "no growth seen: {seen:?}");
-    assert!(seen.grown_max <= LINK_WINDOW, "{seen:?}");
     assert_eq!(load(&server.stats.credit_violations_total), 0);
 }
 

@@ -14,3 +14,6 @@ pub use session::{
     Session, Settings,
 };
 pub use stats::{AgentState, Status, TunnelStats};
+
+#[cfg(test)]
+mod tests;
