@@ -8,6 +8,8 @@
 //! jobs; they see events and act through a [`Ctx`], and the protocol logic
 //! behind them ([`proto`]) is sans-IO: bytes and time in, decisions out. Nothing grows without a configured
 //! bound, and nothing is allocated per read, frame or write in steady state.
+//! Counters are declared once ([`counters!`], [`metrics`]): the declaration
+//! gives each its `/status` field and Prometheus family.
 //!
 //! ```text
 //!              +-------------------------- Engine::turn ---------------------------+
@@ -115,6 +117,7 @@ mod app;
 pub mod codec;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod proto;
 pub mod role;
 

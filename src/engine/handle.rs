@@ -143,18 +143,23 @@ impl fmt::Debug for Handle {
     }
 }
 
+/// The engine's counters, declared once: `Stats` (the atomics the loop
+/// updates), `StatsSnapshot` (their copy, a [`crate::metrics::CounterSet`]:
+/// each entry is a `counters!` field of it) and the copying.
 macro_rules! stats {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
+    ($($(#[$doc:meta])* $name:ident = $kind:ident $({ $($spec:tt)* })?,)*) => {
         /// Engine counters, updated by the loop thread.
         #[derive(Debug, Default)]
         pub(crate) struct Stats {
             $(pub(crate) $name: AtomicU64,)*
         }
 
-        /// A copy of the engine counters at one moment.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-        pub struct StatsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+        crate::counters! {
+            /// A copy of the engine counters at one moment.
+            #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+            pub struct StatsSnapshot {
+                $($(#[$doc])* pub $name: u64 = $kind $({ $($spec)* })?,)*
+            }
         }
 
         impl Stats {
@@ -165,42 +170,85 @@ macro_rules! stats {
     };
 }
 
+// The order here is the order of the engine's fields in `/status` and of its
+// families in `/metrics`.
 stats! {
     /// Connections held now (accepted and outbound, including closing ones
     /// still flushing; not draining ones, whose roles have been told).
-    connections,
+    connections = gauge {
+        status: "connections",
+        metric: "switchboard_connections",
+        help: "Connections held now, all roles.",
+    },
     /// Connections closed gracefully whose peer has not closed yet: their
     /// input is read and discarded until it does (at most `engine.linger`).
-    draining,
+    draining = gauge {
+        status: "draining",
+        metric: "switchboard_draining_connections",
+        help: "Connections closed gracefully, reading until the peer closes.",
+    },
     /// Connections accepted since start.
-    accepted_total,
+    accepted_total = counter {
+        status: "accepted_total",
+        metric: "switchboard_accepted_connections_total",
+        help: "Connections accepted.",
+    },
     /// Outbound connections established since start.
-    connected_total,
+    connected_total = counter,
     /// Outbound connects that failed or timed out.
-    connect_failed_total,
+    connect_failed_total = counter,
     /// Connections closed since start.
-    closed_total,
+    closed_total = counter {
+        status: "closed_total",
+        metric: "switchboard_closed_connections_total",
+        help: "Connections closed.",
+    },
     /// Times accepting paused because `max_connections` was reached.
-    accept_paused_limit_total,
+    accept_paused_limit_total = counter,
     /// Times accepting paused because the process or system ran out of
     /// file descriptors (EMFILE/ENFILE) or memory.
-    accept_paused_fd_total,
-    /// Connections closed because a frame exceeded its maximum length.
-    frame_errors_total,
-    /// Connections closed by their idle timeout.
-    idle_timeouts_total,
+    accept_paused_fd_total = counter,
     /// Bytes read from sockets.
-    bytes_in_total,
+    bytes_in_total = counter {
+        status: "bytes_in_total",
+        metric: "switchboard_received_bytes_total",
+        help: "Bytes read from sockets.",
+    },
     /// Bytes written to sockets.
-    bytes_out_total,
+    bytes_out_total = counter {
+        status: "bytes_out_total",
+        metric: "switchboard_sent_bytes_total",
+        help: "Bytes written to sockets.",
+    },
     /// Sends refused because a connection's queue was full.
-    queue_full_total,
+    queue_full_total = counter {
+        metric: "switchboard_queue_full_total",
+        help: "Sends refused because a connection's queue was full.",
+    },
+    /// Connections closed because a frame exceeded its maximum length.
+    frame_errors_total = counter {
+        metric: "switchboard_frame_errors_total",
+        help: "Connections closed for a frame over its maximum.",
+    },
+    /// Connections closed by their idle timeout.
+    idle_timeouts_total = counter {
+        metric: "switchboard_idle_timeouts_total",
+        help: "Connections closed by an idle timeout.",
+    },
     /// Read buffers lent out now.
-    buffers_lent,
+    buffers_lent = gauge {
+        status: "buffers_lent",
+        metric: "switchboard_buffers_lent",
+        help: "Read buffers lent out now.",
+    },
     /// Failed `poll` calls (fatal after several in a row).
-    poll_errors_total,
+    poll_errors_total = counter,
     /// Loop iterations.
-    turns_total,
+    turns_total = counter {
+        status: "turns_total",
+        metric: "switchboard_loop_turns_total",
+        help: "Event loop iterations.",
+    },
 }
 
 // Release on update, Acquire on read: a thread that reads a counter also sees

@@ -152,6 +152,8 @@ pub trait Handler: Send {
 
     /// Write this role's part of a status or metrics report: the role's
     /// JSON object is open, and metric samples get its kind and name as labels.
+    /// Counters declared with [`crate::counters!`] go in with
+    /// [`Report::counters`].
     fn report(&self, view: &View<'_>, out: &mut Report) {
         let _ = (view, out);
     }

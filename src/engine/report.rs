@@ -5,11 +5,14 @@
 //! read-only views of the roles and the engine, into one growing `String`
 //! whose size is bounded by what the configuration describes (connpts,
 //! services, subscribers); the admin role refuses to send one larger than
-//! its bound.
+//! its bound. Declared counters ([`crate::counters!`]) are written by
+//! [`Report::counters`] from their declarations, in declaration order.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use crate::metrics::{CounterSet, Kind};
 
 /// Which report is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,33 +197,46 @@ impl Report {
         }
     }
 
+    // ----- both -----
+
+    /// Every counter of `set` ([`crate::counters!`]) that its declaration
+    /// puts in this report, in declaration order: a number field under its
+    /// status key, or a sample of its family labelled with the role.
+    pub fn counters(&mut self, set: &dyn CounterSet) {
+        let kind = self.kind;
+        set.each(&mut |c, v| match kind {
+            ReportKind::Status => {
+                if let Some(key) = c.status {
+                    self.num(key, v);
+                }
+            }
+            ReportKind::Metrics => {
+                if let Some(f) = c.metric {
+                    self.sample(f.name, c.kind, f.help, &[], v);
+                }
+            }
+        });
+    }
+
     // ----- metrics -----
 
     /// A counter sample (`name` should end in `_total`), labelled with the
     /// role and any `labels`.
     pub fn counter(&mut self, name: &'static str, help: &str, labels: &[(&str, &str)], v: u64) {
-        self.sample(name, "counter", help, labels, v);
+        self.sample(name, Kind::Counter, help, labels, v);
     }
 
     /// A gauge sample.
     pub fn gauge(&mut self, name: &'static str, help: &str, labels: &[(&str, &str)], v: u64) {
-        self.sample(name, "gauge", help, labels, v);
-    }
-
-    /// A sample without the role labels (engine-wide figures).
-    pub(crate) fn global(&mut self, name: &'static str, kind: &str, help: &str, v: u64) {
-        if self.kind != ReportKind::Metrics {
-            return;
-        }
-        let lines = self.family(name, kind, help);
-        let _ = writeln!(lines, "{name} {v}");
+        self.sample(name, Kind::Gauge, help, labels, v);
     }
 
     /// The lines of family `name`, started with its HELP and TYPE if new.
-    fn family(&mut self, name: &'static str, kind: &str, help: &str) -> &mut String {
+    fn family(&mut self, name: &'static str, kind: Kind, help: &str) -> &mut String {
         let i = match self.families.iter().position(|(n, _)| *n == name) {
             Some(i) => i,
             None => {
+                let kind = kind.as_str();
                 let head = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
                 self.families.push((name, head));
                 self.families.len() - 1
@@ -229,10 +245,12 @@ impl Report {
         &mut self.families[i].1
     }
 
+    /// One sample line: the role's labels (none for the engine-wide figures
+    /// written before the first role) and `labels`.
     fn sample(
         &mut self,
         name: &'static str,
-        kind: &str,
+        kind: Kind,
         help: &str,
         labels: &[(&str, &str)],
         v: u64,
@@ -242,125 +260,65 @@ impl Report {
         }
         let role_labels = std::mem::take(&mut self.role_labels);
         let lines = self.family(name, kind, help);
-        let _ = write!(lines, "{name}{{{role_labels}");
+        lines.push_str(name);
+        let mut sep = '{';
+        if !role_labels.is_empty() {
+            lines.push(sep);
+            lines.push_str(&role_labels);
+            sep = ',';
+        }
         for (k, val) in labels {
-            let _ = write!(lines, ",{k}=\"");
+            lines.push(sep);
+            sep = ',';
+            lines.push_str(k);
+            lines.push_str("=\"");
             push_escaped(lines, val, Escape::Label);
             lines.push('"');
         }
-        let _ = writeln!(lines, "}} {v}");
+        if sep == ',' {
+            lines.push('}');
+        }
+        lines.push(' ');
+        push_u64(lines, v);
+        lines.push('\n');
         self.role_labels = role_labels;
     }
 
-    /// Write the document's opening (engine-wide part).
+    /// Write the document's opening: the version and uptime, then the
+    /// engine's counters (declared in `engine::handle`) and the log lines
+    /// dropped; in metrics, also the accept pauses of both causes together.
     pub(crate) fn begin(&mut self, uptime: Duration, engine: &crate::StatsSnapshot) {
-        match self.kind {
-            ReportKind::Status => {
-                self.out.push('{');
-                self.comma.push(false);
-                self.str("version", env!("CARGO_PKG_VERSION"));
-                self.num("uptime_seconds", uptime.as_secs());
-                self.open_object(Some("engine"));
-                self.num("connections", engine.connections);
-                self.num("draining", engine.draining);
-                self.num("accepted_total", engine.accepted_total);
-                self.num("closed_total", engine.closed_total);
-                self.num("bytes_in_total", engine.bytes_in_total);
-                self.num("bytes_out_total", engine.bytes_out_total);
-                self.num("buffers_lent", engine.buffers_lent);
-                self.num("turns_total", engine.turns_total);
-                self.num("log_dropped_total", crate::engine::log_dropped_total());
-                self.close_object();
-                self.open_array(Some("roles"));
-            }
-            ReportKind::Metrics => {
-                let g = |r: &mut Report, n, h, v| r.global(n, "gauge", h, v);
-                let c = |r: &mut Report, n, h, v| r.global(n, "counter", h, v);
-                g(
-                    self,
-                    "switchboard_uptime_seconds",
-                    "Seconds since the engine started.",
-                    uptime.as_secs(),
-                );
-                g(
-                    self,
-                    "switchboard_connections",
-                    "Connections held now, all roles.",
-                    engine.connections,
-                );
-                g(
-                    self,
-                    "switchboard_draining_connections",
-                    "Connections closed gracefully, reading until the peer closes.",
-                    engine.draining,
-                );
-                c(
-                    self,
-                    "switchboard_accepted_connections_total",
-                    "Connections accepted.",
-                    engine.accepted_total,
-                );
-                c(
-                    self,
-                    "switchboard_closed_connections_total",
-                    "Connections closed.",
-                    engine.closed_total,
-                );
-                c(
-                    self,
-                    "switchboard_received_bytes_total",
-                    "Bytes read from sockets.",
-                    engine.bytes_in_total,
-                );
-                c(
-                    self,
-                    "switchboard_sent_bytes_total",
-                    "Bytes written to sockets.",
-                    engine.bytes_out_total,
-                );
-                c(
-                    self,
-                    "switchboard_log_dropped_total",
-                    "Log lines dropped because the log output could not take them in time.",
-                    crate::engine::log_dropped_total(),
-                );
-                c(
-                    self,
-                    "switchboard_queue_full_total",
-                    "Sends refused because a connection's queue was full.",
-                    engine.queue_full_total,
-                );
-                c(
-                    self,
-                    "switchboard_frame_errors_total",
-                    "Connections closed for a frame over its maximum.",
-                    engine.frame_errors_total,
-                );
-                c(
-                    self,
-                    "switchboard_idle_timeouts_total",
-                    "Connections closed by an idle timeout.",
-                    engine.idle_timeouts_total,
-                );
-                c(
-                    self,
-                    "switchboard_accept_paused_total",
-                    "Times accepting paused (connection limit or no file descriptors).",
-                    engine.accept_paused_limit_total + engine.accept_paused_fd_total,
-                );
-                g(
-                    self,
-                    "switchboard_buffers_lent",
-                    "Read buffers lent out now.",
-                    engine.buffers_lent,
-                );
-                c(
-                    self,
-                    "switchboard_loop_turns_total",
-                    "Event loop iterations.",
-                    engine.turns_total,
-                );
-            }
+        let log_dropped = crate::engine::log_dropped_total();
+        if self.kind == ReportKind::Status {
+            self.out.push('{');
+            self.comma.push(false);
+            self.str("version", env!("CARGO_PKG_VERSION"));
+            self.num("uptime_seconds", uptime.as_secs());
+            self.open_object(Some("engine"));
+        }
+        self.gauge(
+            "switchboard_uptime_seconds",
+            "Seconds since the engine started.",
+            &[],
+            uptime.as_secs(),
+        );
+        self.counters(engine);
+        self.num("log_dropped_total", log_dropped);
+        self.counter(
+            "switchboard_log_dropped_total",
+            "Log lines dropped because the log output could not take them in time.",
+            &[],
+            log_dropped,
+        );
+        self.counter(
+            "switchboard_accept_paused_total",
+            "Times accepting paused (connection limit or no file descriptors).",
+            &[],
+            engine.accept_paused_limit_total + engine.accept_paused_fd_total,
+        );
+        if self.kind == ReportKind::Status {
+            self.close_object();
+            self.open_array(Some("roles"));
         }
     }
 
@@ -531,5 +489,54 @@ mod tests {
         let y = s.find("# HELP switchboard_y").unwrap();
         assert!(s.rfind("switchboard_x_total{").unwrap() < y && x < y, "{s}");
         assert!(!s.contains("ignored"));
+    }
+
+    crate::counters! {
+        #[derive(Default)]
+        struct Probe {
+            seen: u64 = counter { status: "seen_total", metric: "x_seen_total", help: "Seen." },
+            kept: u64 = counter,
+            now: std::sync::atomic::AtomicU64 = gauge { metric: "x_now", help: "Now." },
+            text: &'static str,
+            only: u64 = gauge { status: "only" },
+        }
+    }
+
+    #[test]
+    fn declared_counters_go_where_their_declaration_says_in_its_order() {
+        let probe = Probe {
+            seen: 3,
+            kept: 4,
+            now: 5.into(),
+            text: "not a counter",
+            only: 6,
+        };
+        let mut r = Report::new(ReportKind::Status, Instant::now());
+        r.begin(Duration::ZERO, &crate::StatsSnapshot::default());
+        r.role_begin("echo", "e");
+        r.num("first", 1);
+        r.counters(&probe);
+        r.num("last", 2);
+        r.role_end();
+        r.end();
+        let s = r.into_string();
+        assert!(
+            s.contains(r#""name":"e","first":1,"seen_total":3,"only":6,"last":2}"#),
+            "{s}"
+        );
+        assert!(!s.contains(probe.text), "{s}");
+
+        let mut r = Report::new(ReportKind::Metrics, Instant::now());
+        r.counters(&probe);
+        r.role_begin("echo", "e");
+        r.counters(&probe);
+        let s = r.into_string();
+        assert_eq!(
+            s,
+            "# HELP x_seen_total Seen.\n# TYPE x_seen_total counter\n\
+             x_seen_total 3\nx_seen_total{role=\"echo\",name=\"e\"} 3\n\
+             # HELP x_now Now.\n# TYPE x_now gauge\n\
+             x_now 5\nx_now{role=\"echo\",name=\"e\"} 5\n"
+        );
     }
 }

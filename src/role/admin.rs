@@ -32,17 +32,35 @@ struct Client {
     since: Instant,
 }
 
-/// What the endpoint counts (reported under the admin role).
-#[derive(Debug, Default)]
-struct Counters {
-    /// Requests answered 400, 405 or 431.
-    bad_requests: u64,
-    /// Clients closed for not sending a whole request in time.
-    timeouts: u64,
-    /// Clients closed on accept: not on `allow`.
-    refused: u64,
-    /// Clients closed to make room for a new one.
-    evicted: u64,
+crate::counters! {
+    /// What the endpoint counts (reported under the admin role).
+    #[derive(Debug, Default)]
+    pub(super) struct Counters {
+        /// Requests answered 400, 405 or 431.
+        bad_requests: u64 = counter {
+            status: "bad_requests_total",
+            metric: "switchboard_admin_bad_requests_total",
+            help: "Requests answered 400, 405 or 431.",
+        },
+        /// Clients closed for not sending a whole request in time.
+        timeouts: u64 = counter {
+            status: "timeouts_total",
+            metric: "switchboard_admin_timeouts_total",
+            help: "Clients closed for not sending a whole request in time.",
+        },
+        /// Clients closed on accept: not on `allow`.
+        refused: u64 = counter {
+            status: "refused_total",
+            metric: "switchboard_admin_refused_total",
+            help: "Clients closed on accept: not on admin.allow.",
+        },
+        /// Clients closed to make room for a new one.
+        evicted: u64 = counter {
+            status: "evicted_total",
+            metric: "switchboard_admin_evicted_total",
+            help: "Clients closed to make room (max_clients reached).",
+        },
+    }
 }
 
 /// The `[admin]` role.
@@ -182,36 +200,7 @@ impl Role for Admin {
     fn report(&self, view: &View<'_>, out: &mut Report) {
         out.addr("listen", self.listener.and_then(|l| view.listener_addr(l)));
         out.num("clients", self.clients.len() as u64);
-        let c = &self.counters;
-        for (field, name, help, v) in [
-            (
-                "bad_requests_total",
-                "switchboard_admin_bad_requests_total",
-                "Requests answered 400, 405 or 431.",
-                c.bad_requests,
-            ),
-            (
-                "timeouts_total",
-                "switchboard_admin_timeouts_total",
-                "Clients closed for not sending a whole request in time.",
-                c.timeouts,
-            ),
-            (
-                "refused_total",
-                "switchboard_admin_refused_total",
-                "Clients closed on accept: not on admin.allow.",
-                c.refused,
-            ),
-            (
-                "evicted_total",
-                "switchboard_admin_evicted_total",
-                "Clients closed to make room (max_clients reached).",
-                c.evicted,
-            ),
-        ] {
-            out.num(field, v);
-            out.counter(name, help, &[], v);
-        }
+        out.counters(&self.counters);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

@@ -25,6 +25,7 @@ use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, Handle, HandleError, Keepalive, ListenOptions,
     ListenerId, LogLimit, Message, RoleId, SendError, Suppressed, TimerKey, View,
 };
+use crate::metrics::{add, bump};
 use crate::role::{OnFrameError, Report, Role};
 
 /// Room reserved at a time for a batch of records (one read's worth).
@@ -54,31 +55,48 @@ pub fn publish(handle: &Handle, role: RoleId, record: Bytes) -> Result<(), Handl
     handle.send(role, Box::new(Publish(record)))
 }
 
-/// Counters of one broadcast role, readable from any thread ([`Broadcast::stats`]).
-#[derive(Debug, Default)]
-pub struct BroadcastStats {
-    /// Records published.
-    pub records_in: AtomicU64,
-    /// Record deliveries queued to subscribers.
-    pub deliveries: AtomicU64,
-    /// Records dropped for slow subscribers (drop-oldest / drop-newest).
-    pub dropped_records: AtomicU64,
-    /// Subscribers disconnected as too slow (queue full or stalled).
-    pub slow_disconnects: AtomicU64,
-    /// Subscribers now.
-    pub subscribers: AtomicU64,
-    /// Connections refused (allow list, max_subscribers, max_publishers).
-    pub refused: AtomicU64,
-    /// Records longer than `max_record` (dropped, or the publisher closed).
-    pub oversized: AtomicU64,
-    /// Partial records discarded because their publisher went away.
-    pub partial_discarded: AtomicU64,
-    /// Partial lines published by `flush_idle`.
-    pub flushed_partial: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+crate::counters! {
+    /// Counters of one broadcast role, readable from any thread ([`Broadcast::stats`]).
+    #[derive(Debug, Default)]
+    pub struct BroadcastStats {
+        /// Records published.
+        pub records_in: AtomicU64 = counter {
+            status: "records_in_total",
+            metric: "switchboard_broadcast_records_total",
+            help: "Records published.",
+        },
+        /// Record deliveries queued to subscribers.
+        pub deliveries: AtomicU64 = counter {
+            metric: "switchboard_broadcast_delivered_records_total",
+            help: "Record deliveries queued to subscribers.",
+        },
+        /// Records dropped for slow subscribers (drop-oldest / drop-newest).
+        pub dropped_records: AtomicU64 = counter {
+            metric: "switchboard_broadcast_dropped_records_total",
+            help: "Records dropped for slow subscribers.",
+        },
+        /// Subscribers disconnected as too slow (queue full or stalled).
+        pub slow_disconnects: AtomicU64 = counter {
+            metric: "switchboard_broadcast_slow_disconnects_total",
+            help: "Subscribers disconnected as too slow.",
+        },
+        /// Subscribers now.
+        pub subscribers: AtomicU64 = gauge,
+        /// Connections refused (allow list, max_subscribers, max_publishers).
+        pub refused: AtomicU64 = counter {
+            metric: "switchboard_broadcast_refused_total",
+            help: "Connections refused (allow list, limits).",
+        },
+        /// Records longer than `max_record` (dropped, or the publisher closed).
+        pub oversized: AtomicU64 = counter {
+            metric: "switchboard_broadcast_oversized_records_total",
+            help: "Records over max_record.",
+        },
+        /// Partial records discarded because their publisher went away.
+        pub partial_discarded: AtomicU64 = counter,
+        /// Partial lines published by `flush_idle`.
+        pub flushed_partial: AtomicU64 = counter,
+    }
 }
 
 #[derive(Debug)]
@@ -176,9 +194,7 @@ impl Broadcast {
     /// that has room for all of it, record by record (with the slow policy)
     /// to the others.
     fn publish_batch(&mut self, ctx: &mut Ctx<'_>, batch: Bytes, bounds: &[(u32, u32)]) {
-        self.stats
-            .records_in
-            .fetch_add(bounds.len() as u64, Ordering::Relaxed);
+        add(&self.stats.records_in, bounds.len() as u64);
         if self.config.replay > 0 {
             let skip = bounds.len().saturating_sub(self.config.replay);
             for &(a, b) in bounds.iter().skip(skip) {
@@ -203,9 +219,7 @@ impl Broadcast {
                     .store(self.subscribers.len() as u64, Ordering::Relaxed);
             }
         }
-        self.stats
-            .deliveries
-            .fetch_add(self.delivered, Ordering::Relaxed);
+        add(&self.stats.deliveries, self.delivered);
     }
 
     /// Queue `batch` for subscriber `i`. Returns false if the subscriber was
@@ -329,7 +343,7 @@ impl Broadcast {
         }
         sub.dropping += n;
         sub.dropped_total += n;
-        self.stats.dropped_records.fetch_add(n, Ordering::Relaxed);
+        add(&self.stats.dropped_records, n);
     }
 
     fn add_subscriber(&mut self, ctx: &mut Ctx<'_>, key: ConnKey, peer: SocketAddr) {
@@ -367,9 +381,7 @@ impl Broadcast {
         let replay: Vec<Bytes> = self.replay.iter().cloned().collect();
         self.delivered = 0;
         let stayed = replay.into_iter().all(|r| self.deliver_one(ctx, i, r));
-        self.stats
-            .deliveries
-            .fetch_add(self.delivered, Ordering::Relaxed);
+        add(&self.stats.deliveries, self.delivered);
         if !stayed {
             self.subscribers.swap_remove(i);
             self.stats
@@ -596,8 +608,6 @@ impl Role for Broadcast {
     }
 
     fn report(&self, view: &View<'_>, out: &mut Report) {
-        let st = &self.stats;
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         out.addr(
             "listen",
             self.subscriber_listener.and_then(|l| view.listener_addr(l)),
@@ -606,27 +616,7 @@ impl Role for Broadcast {
             "ingest",
             self.ingest_listener.and_then(|l| view.listener_addr(l)),
         );
-        out.num("records_in_total", load(&st.records_in));
-        out.num("replay_fill", self.replay.len() as u64);
-        out.num("replay_capacity", self.config.replay as u64);
-        out.open_array(Some("subscribers"));
-        for sub in &self.subscribers {
-            out.open_object(None);
-            out.addr("peer", Some(sub.peer));
-            out.age("connected_seconds", Some(sub.since));
-            out.num("queued_bytes", view.queued(sub.key).unwrap_or(0) as u64);
-            out.num("delivered", sub.delivered);
-            out.num("dropped", sub.dropped_total);
-            out.close_object();
-        }
-        out.close_array();
-        out.open_array(Some("publishers"));
-        for p in &self.publishers {
-            out.open_object(None);
-            out.addr("peer", Some(p.peer));
-            out.close_object();
-        }
-        out.close_array();
+        // Gauges of the role's own tables (metrics only), then the counters.
         let queued: usize = self
             .subscribers
             .iter()
@@ -650,42 +640,27 @@ impl Role for Broadcast {
             &[],
             queued as u64,
         );
-        out.counter(
-            "switchboard_broadcast_records_total",
-            "Records published.",
-            &[],
-            load(&st.records_in),
-        );
-        out.counter(
-            "switchboard_broadcast_delivered_records_total",
-            "Record deliveries queued to subscribers.",
-            &[],
-            load(&st.deliveries),
-        );
-        out.counter(
-            "switchboard_broadcast_dropped_records_total",
-            "Records dropped for slow subscribers.",
-            &[],
-            load(&st.dropped_records),
-        );
-        out.counter(
-            "switchboard_broadcast_slow_disconnects_total",
-            "Subscribers disconnected as too slow.",
-            &[],
-            load(&st.slow_disconnects),
-        );
-        out.counter(
-            "switchboard_broadcast_refused_total",
-            "Connections refused (allow list, limits).",
-            &[],
-            load(&st.refused),
-        );
-        out.counter(
-            "switchboard_broadcast_oversized_records_total",
-            "Records over max_record.",
-            &[],
-            load(&st.oversized),
-        );
+        out.counters(&*self.stats);
+        out.num("replay_fill", self.replay.len() as u64);
+        out.num("replay_capacity", self.config.replay as u64);
+        out.open_array(Some("subscribers"));
+        for sub in &self.subscribers {
+            out.open_object(None);
+            out.addr("peer", Some(sub.peer));
+            out.age("connected_seconds", Some(sub.since));
+            out.num("queued_bytes", view.queued(sub.key).unwrap_or(0) as u64);
+            out.num("delivered", sub.delivered);
+            out.num("dropped", sub.dropped_total);
+            out.close_object();
+        }
+        out.close_array();
+        out.open_array(Some("publishers"));
+        for p in &self.publishers {
+            out.open_object(None);
+            out.addr("peer", Some(p.peer));
+            out.close_object();
+        }
+        out.close_array();
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

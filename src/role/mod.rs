@@ -36,3 +36,46 @@ pub fn build(config: &RoleConfig) -> Box<dyn Role> {
         RoleConfig::Admin(c) => Box::new(Admin::new(c)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use crate::metrics::{CounterSet, Kind};
+
+    /// Every declared counter set's report names follow the conventions the
+    /// admin tests check at run time: families named `switchboard_*`,
+    /// counters (and only counters) ending in `_total`, each family and each
+    /// status key of a set declared once.
+    #[test]
+    fn declared_counters_are_named_by_the_conventions() {
+        let sets: [(&str, &dyn CounterSet); 5] = [
+            ("engine", &crate::StatsSnapshot::default()),
+            ("tunnel", &super::TunnelStats::default()),
+            ("broadcast", &super::broadcast::BroadcastStats::default()),
+            ("router", &super::router::RouterStats::default()),
+            ("admin", &super::admin::Counters::default()),
+        ];
+        let mut families = HashSet::new();
+        for (set, counters) in sets {
+            let mut keys = HashSet::new();
+            counters.each(&mut |c, _| {
+                if let Some(key) = c.status {
+                    assert!(keys.insert(key), "{set}: status key {key} twice");
+                }
+                if let Some(f) = c.metric {
+                    assert!(families.insert(f.name), "{set}: family {} twice", f.name);
+                    assert!(f.name.starts_with("switchboard_"), "{set}: {}", f.name);
+                    assert_eq!(
+                        f.name.ends_with("_total"),
+                        c.kind == Kind::Counter,
+                        "{set}: {} is a {:?}",
+                        f.name,
+                        c.kind
+                    );
+                    assert!(f.help.ends_with('.'), "{set}: {} help", f.name);
+                }
+            });
+        }
+    }
+}

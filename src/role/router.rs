@@ -14,7 +14,7 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, ListenOptions, ListenerId, LogLimit,
     SendError, Suppressed, TimerKey, View,
 };
+use crate::metrics::{CounterValue, add, bump, sub};
 use crate::proto::router::{Id, IdTable, Identifying, Outcome, Rules, is_heartbeat, strip_id};
 use crate::role::admission::{Admit, PER_IP_GRACE, Pending as Admission, PendingId};
 use crate::role::{Reconfigure, Report, Role};
@@ -97,33 +98,57 @@ fn preview(bytes: &[u8]) -> String {
     ShownId::new(bytes).to_string()
 }
 
-/// Counters of one router, readable from any thread ([`Router::stats`]).
-#[derive(Debug, Default)]
-pub struct RouterStats {
-    /// Devices online now.
-    pub online: AtomicU64,
-    /// Identifications since start.
-    pub identified_total: AtomicU64,
-    /// Connections closed for an unknown id (or address).
-    pub unknown_total: AtomicU64,
-    /// Connections closed for not identifying within `id_timeout`.
-    pub id_timeouts: AtomicU64,
-    /// Online devices replaced by a new connection with the same id.
-    pub replaced: AtomicU64,
-    /// New connections rejected because their id was online.
-    pub rejected: AtomicU64,
-    /// Heartbeat reads (not forwarded).
-    pub heartbeats: AtomicU64,
-    /// Application bytes discarded because the device was offline.
-    pub offline_discarded_bytes: AtomicU64,
-    /// Device bytes discarded because nothing was attached to the connpt.
-    pub unrouted_bytes: AtomicU64,
-    /// Connections refused (max_pending_per_ip, max_apps, offline = close).
-    pub refused: AtomicU64,
-    /// Unidentified connections closed to make room for a new one
-    /// (`max_pending` reached: the oldest goes).
-    pub pending_evicted: AtomicU64,
-    recent: Mutex<VecDeque<(ShownId, SocketAddr)>>,
+crate::counters! {
+    /// Counters of one router, readable from any thread ([`Router::stats`]).
+    #[derive(Debug, Default)]
+    pub struct RouterStats {
+        /// Devices online now.
+        pub online: AtomicU64 = gauge {
+            status: "online",
+            metric: "switchboard_router_online_devices",
+            help: "Devices identified and online now.",
+        },
+        /// Identifications since start.
+        pub identified_total: AtomicU64 = counter {
+            metric: "switchboard_router_identified_total",
+            help: "Identifications.",
+        },
+        /// Connections closed for an unknown id (or address).
+        pub unknown_total: AtomicU64 = counter {
+            metric: "switchboard_router_unknown_total",
+            help: "Connections closed for an unknown id.",
+        },
+        /// Connections closed for not identifying within `id_timeout`.
+        pub id_timeouts: AtomicU64 = counter {
+            metric: "switchboard_router_id_timeouts_total",
+            help: "Connections closed for not identifying in time.",
+        },
+        /// Online devices replaced by a new connection with the same id.
+        pub replaced: AtomicU64 = counter {
+            metric: "switchboard_router_replaced_total",
+            help: "Devices replaced by a newer connection.",
+        },
+        /// New connections rejected because their id was online.
+        pub rejected: AtomicU64 = counter,
+        /// Heartbeat reads (not forwarded).
+        pub heartbeats: AtomicU64 = counter,
+        /// Application bytes discarded because the device was offline.
+        pub offline_discarded_bytes: AtomicU64 = counter,
+        /// Device bytes discarded because nothing was attached to the connpt.
+        pub unrouted_bytes: AtomicU64 = counter,
+        /// Connections refused (max_pending_per_ip, max_apps, offline = close).
+        pub refused: AtomicU64 = counter {
+            metric: "switchboard_router_refused_total",
+            help: "Connections refused by a limit.",
+        },
+        /// Unidentified connections closed to make room for a new one
+        /// (`max_pending` reached: the oldest goes).
+        pub pending_evicted: AtomicU64 = counter {
+            metric: "switchboard_router_pending_evicted_total",
+            help: "Unidentified connections closed to make room (max_pending reached).",
+        },
+        recent: Mutex<VecDeque<(ShownId, SocketAddr)>>,
+    }
 }
 
 impl RouterStats {
@@ -134,10 +159,6 @@ impl RouterStats {
             .map(|r| r.iter().cloned().collect())
             .unwrap_or_default()
     }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// What one connection of this role is.
@@ -335,7 +356,7 @@ impl Router {
         if let Some((dev, _)) = c.device.take() {
             self.parties.remove(&dev);
             ctx.close(dev);
-            self.stats.online.fetch_sub(1, Ordering::Relaxed);
+            sub(&self.stats.online, 1);
         }
         for k in c.apps.drain(..).chain(c.upstream.take()) {
             self.parties.remove(&k);
@@ -574,7 +595,7 @@ impl Router {
                     bump(&self.stats.replaced);
                     self.parties.remove(&old);
                     ctx.abort(old);
-                    self.stats.online.fetch_sub(1, Ordering::Relaxed);
+                    sub(&self.stats.online, 1);
                 }
             }
         } else {
@@ -605,7 +626,7 @@ impl Router {
         if let Some(c) = self.connpts.get_mut(i as usize) {
             // A replaced device's bytes that were still waiting are lost with it.
             let lost = c.held.len() as u64;
-            self.stats.unrouted_bytes.fetch_add(lost, Ordering::Relaxed);
+            add(&self.stats.unrouted_bytes, lost);
             c.held = rest.to_vec();
         }
         self.hold_device_if_needed(ctx, i, key);
@@ -684,17 +705,13 @@ impl Router {
                         "{}: {}: application queue overflowed (bug)",
                         self.config.name, c.name
                     );
-                    self.stats
-                        .unrouted_bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    add(&self.stats.unrouted_bytes, data.len() as u64);
                 }
                 Err(SendError::Closed) => {}
             }
         }
         if !delivered {
-            self.stats
-                .unrouted_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            add(&self.stats.unrouted_bytes, data.len() as u64);
         } else if let Some(c) = self.connpts.get_mut(i as usize) {
             c.bytes_up += len;
         }
@@ -735,9 +752,7 @@ impl Router {
             return;
         };
         let Some((device, _)) = c.device else {
-            self.stats
-                .offline_discarded_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            add(&self.stats.offline_discarded_bytes, data.len() as u64);
             return;
         };
         let sent = ctx.send(device, data);
@@ -749,9 +764,7 @@ impl Router {
                 "{}: {}: device queue overflowed (bug)",
                 self.config.name, c.name
             );
-            self.stats
-                .offline_discarded_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            add(&self.stats.offline_discarded_bytes, data.len() as u64);
         }
         // Every sender may deliver one more read before it sees a pause: hold
         // them all while the device lacks room for that; its `on_writable`
@@ -775,12 +788,10 @@ impl Router {
         let peer = c.device.take().map(|(_, p)| p);
         c.since = Some(ctx.now());
         if !c.held.is_empty() {
-            self.stats
-                .unrouted_bytes
-                .fetch_add(c.held.len() as u64, Ordering::Relaxed);
+            add(&self.stats.unrouted_bytes, c.held.len() as u64);
             c.held = Vec::new();
         }
-        self.stats.online.fetch_sub(1, Ordering::Relaxed);
+        sub(&self.stats.online, 1);
         info!(
             "{name}: {} offline ({reason}), was {}",
             c.name,
@@ -865,13 +876,25 @@ impl Role for Router {
     }
 
     fn report(&self, view: &View<'_>, out: &mut Report) {
-        let st = &self.stats;
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         out.addr(
             "listen",
             self.device_listener.and_then(|l| view.listener_addr(l)),
         );
-        out.num("online", load(&st.online));
+        // Gauges of the role's own tables (metrics only), then the counters.
+        out.gauge(
+            "switchboard_router_pending_connections",
+            "Connections not identified yet.",
+            &[],
+            self.pending.len() as u64,
+        );
+        out.gauge(
+            "switchboard_router_connpts",
+            "Connection points configured.",
+            &[],
+            (self.connpts.len() - self.free_connpts.len()) as u64,
+        );
+        let st = &*self.stats;
+        out.counters(st);
         out.num("pending", self.pending.len() as u64);
         out.open_array(Some("connpts"));
         let (mut up, mut down) = (0, 0);
@@ -899,60 +922,6 @@ impl Role for Router {
             out.close_object();
         }
         out.close_array();
-        out.gauge(
-            "switchboard_router_online_devices",
-            "Devices identified and online now.",
-            &[],
-            load(&st.online),
-        );
-        out.gauge(
-            "switchboard_router_pending_connections",
-            "Connections not identified yet.",
-            &[],
-            self.pending.len() as u64,
-        );
-        out.gauge(
-            "switchboard_router_connpts",
-            "Connection points configured.",
-            &[],
-            (self.connpts.len() - self.free_connpts.len()) as u64,
-        );
-        out.counter(
-            "switchboard_router_identified_total",
-            "Identifications.",
-            &[],
-            load(&st.identified_total),
-        );
-        out.counter(
-            "switchboard_router_unknown_total",
-            "Connections closed for an unknown id.",
-            &[],
-            load(&st.unknown_total),
-        );
-        out.counter(
-            "switchboard_router_id_timeouts_total",
-            "Connections closed for not identifying in time.",
-            &[],
-            load(&st.id_timeouts),
-        );
-        out.counter(
-            "switchboard_router_replaced_total",
-            "Devices replaced by a newer connection.",
-            &[],
-            load(&st.replaced),
-        );
-        out.counter(
-            "switchboard_router_refused_total",
-            "Connections refused by a limit.",
-            &[],
-            load(&st.refused),
-        );
-        out.counter(
-            "switchboard_router_pending_evicted_total",
-            "Unidentified connections closed to make room (max_pending reached).",
-            &[],
-            load(&st.pending_evicted),
-        );
         out.counter(
             "switchboard_router_device_bytes_total",
             "Bytes from devices forwarded.",
@@ -969,7 +938,7 @@ impl Role for Router {
             "switchboard_router_dropped_bytes_total",
             "Bytes discarded (device offline or nothing attached).",
             &[],
-            load(&st.unrouted_bytes) + load(&st.offline_discarded_bytes),
+            st.unrouted_bytes.value() + st.offline_discarded_bytes.value(),
         );
     }
 

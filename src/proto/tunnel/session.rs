@@ -35,10 +35,11 @@ use log::{debug, trace};
 
 use super::auth::{self, Transcript};
 use super::frame::{self, Frame, Listen};
-use super::stats::{TunnelStats, add, bump, drop_one, sub};
+use super::stats::TunnelStats;
 use crate::codec::tunnel::{
     Command, HEADER_LEN, Hello, ListenRequest, MAX_PAYLOAD, NONCE_LEN, ext,
 };
+use crate::metrics::{add, bump, sub};
 
 /// Streams stop reading while the link holds more than this many unsent
 /// bytes, and take turns when it drains (one frame each per round).
@@ -966,7 +967,7 @@ impl<S: Copy + fmt::Display> Session<S> {
 
     /// A stream left its slot: counters, its window growth, its pause.
     fn forget(&mut self, s: &Stream<S>) {
-        drop_one(&self.stats.streams);
+        sub(&self.stats.streams, 1);
         self.open -= 1;
         let grown = u64::from(s.window.saturating_sub(self.settings.window));
         self.grown = self.grown.saturating_sub(grown);
@@ -1115,7 +1116,7 @@ impl<S: Copy + fmt::Display> Session<S> {
     /// from its socket); the link now holds `link_queued` unsent bytes.
     /// `None` if the stream is not open.
     pub fn data_sent(&mut self, id: u8, len: usize, link_queued: usize) -> Option<AfterSend> {
-        add(&self.stats.bytes_to_link_total, len);
+        add(&self.stats.bytes_to_link_total, len as u64);
         let over = link_queued > LINK_HIGH;
         let credit_on = self.has(ext::CREDIT);
         let max_data = self.settings.max_data;
@@ -1152,7 +1153,7 @@ impl<S: Copy + fmt::Display> Session<S> {
             return;
         };
         s.received += len as u64;
-        add(&self.stats.bytes_from_link_total, len);
+        add(&self.stats.bytes_from_link_total, len as u64);
         if queued > s.window as usize && !s.blocking {
             // Base rule (docs/PROTOCOL.md §2): pause the link until this socket drains.
             debug!(
@@ -1216,7 +1217,7 @@ impl<S: Copy + fmt::Display> Session<S> {
                 window += step;
                 s.window = window as u32;
                 self.grown += step;
-                add(&self.stats.window_grown_bytes, step as usize);
+                add(&self.stats.window_grown_bytes, step);
                 bump(&self.stats.window_grown_total);
                 trace!("{}: stream {id} window {window}", s.socket);
             }
@@ -1283,11 +1284,11 @@ impl<S: Copy + fmt::Display> Session<S> {
         }
         for slot in std::mem::take(&mut self.slots) {
             if let Slot::Open(s) = slot {
-                drop_one(&self.stats.streams);
+                sub(&self.stats.streams, 1);
                 each(s.socket);
             }
         }
-        drop_one(&self.stats.links);
+        sub(&self.stats.links, 1);
         sub(&self.stats.window_grown_bytes, self.grown);
         self.grown = 0;
         self.open = 0;

@@ -17,7 +17,7 @@ use hashbrown::HashMap;
 use log::{debug, info, warn};
 
 use super::rng::Rng;
-use super::{Links, link_keepalive, report_stats};
+use super::{Links, link_keepalive};
 use crate::codec::tunnel::ext;
 use crate::codec::{Frame, Framing};
 use crate::config::TunnelAgentConfig;
@@ -25,7 +25,7 @@ use crate::engine::{
     CloseReason, ConnKey, ConnectOptions, Ctx, EngineError, LogLimit, Message, Preview, Suppressed,
     TimerKey, View,
 };
-use crate::proto::tunnel::stats::bump;
+use crate::metrics::{CounterValue, bump};
 use crate::proto::tunnel::{
     AgentHello, AgentState, Failure, Incoming, LinkEvent, Session, Settings, TunnelStats,
 };
@@ -555,15 +555,11 @@ impl Role for TunnelAgent {
             "streams",
             link.map_or(0, |l| l.session.open_streams() as u64),
         );
+        // The agent's own figures; the counters both tunnel roles report
+        // follow, as `TunnelStats` declares them.
         let st = &self.mux.stats;
-        out.num(
-            "reconnects_total",
-            st.reconnects_total
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
-        let handshake_timeouts = st
-            .handshake_timeouts_total
-            .load(std::sync::atomic::Ordering::Relaxed);
+        out.num("reconnects_total", st.reconnects_total.value());
+        let handshake_timeouts = st.handshake_timeouts_total.value();
         out.num("handshake_timeouts_total", handshake_timeouts);
         out.counter(
             "switchboard_tunnel_handshake_timeouts_total",
@@ -585,7 +581,7 @@ impl Role for TunnelAgent {
             &[],
             link.map_or(0, |l| l.session.open_streams() as u64),
         );
-        report_stats(st, out);
+        out.counters(&**st);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {

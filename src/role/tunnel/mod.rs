@@ -23,7 +23,6 @@ pub use server::TunnelServer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
@@ -33,120 +32,8 @@ use slab::Slab;
 use crate::codec::Framing;
 use crate::codec::tunnel::{self, Command};
 use crate::engine::{ConnKey, Ctx, Keepalive, LogLimit, SendError, Suppressed, TimerKey};
-use crate::proto::tunnel::{
-    End, Event, Frame, Incoming, NoId, Problem, Session, Settings, stats::bump,
-};
-use crate::role::Report;
-
-/// Counters and totals as metric samples and status fields.
-pub(crate) fn report_stats(st: &TunnelStats, out: &mut Report) {
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    out.num("streams_total", load(&st.streams_total));
-    out.num("refused_total", load(&st.refused_total));
-    out.num(
-        "quarantine_refused_total",
-        load(&st.quarantine_refused_total),
-    );
-    out.num("rejected_total", load(&st.rejected_total));
-    out.num("auth_failed_total", load(&st.auth_failed_total));
-    out.num("unknown_frames_total", load(&st.unknown_total));
-    out.num("malformed_frames_total", load(&st.malformed_total));
-    out.num("bytes_from_link_total", load(&st.bytes_from_link_total));
-    out.num("bytes_to_link_total", load(&st.bytes_to_link_total));
-    out.num("window_grown_bytes", load(&st.window_grown_bytes));
-    out.num("window_grown_total", load(&st.window_grown_total));
-    out.gauge(
-        "switchboard_tunnel_window_grown_bytes",
-        "Receive-window bytes granted above `window` now (auto-tuning).",
-        &[],
-        load(&st.window_grown_bytes),
-    );
-    let counters = [
-        (
-            "switchboard_tunnel_streams_opened_total",
-            "Streams opened.",
-            &st.streams_total,
-        ),
-        (
-            "switchboard_tunnel_refused_streams_total",
-            "Streams refused (ids exhausted, target not allowed).",
-            &st.refused_total,
-        ),
-        (
-            "switchboard_tunnel_quarantine_refused_streams_total",
-            "Clients refused while ids were held by the base-mode id quarantine.",
-            &st.quarantine_refused_total,
-        ),
-        (
-            "switchboard_tunnel_links_total",
-            "Links that completed their handshake.",
-            &st.links_total,
-        ),
-        (
-            "switchboard_tunnel_rejected_links_total",
-            "Handshakes refused.",
-            &st.rejected_total,
-        ),
-        (
-            "switchboard_tunnel_auth_failures_total",
-            "Authentication failures.",
-            &st.auth_failed_total,
-        ),
-        (
-            "switchboard_tunnel_unknown_frames_total",
-            "Frames with an unknown command (ignored).",
-            &st.unknown_total,
-        ),
-        (
-            "switchboard_tunnel_malformed_frames_total",
-            "Malformed or out-of-place frames (ignored).",
-            &st.malformed_total,
-        ),
-        (
-            "switchboard_tunnel_stale_frames_total",
-            "Frames for ids without a stream (dropped).",
-            &st.stale_total,
-        ),
-        (
-            "switchboard_tunnel_reconnects_total",
-            "Agent links lost and redialled.",
-            &st.reconnects_total,
-        ),
-        (
-            "switchboard_tunnel_throttled_links_total",
-            "Links closed on accept: their address failed too many handshakes.",
-            &st.throttled_total,
-        ),
-        (
-            "switchboard_tunnel_pending_refused_total",
-            "Links closed on accept: max_pending_per_ip handshakes from their address.",
-            &st.pending_refused_total,
-        ),
-        (
-            "switchboard_tunnel_pending_evicted_total",
-            "Handshakes closed to make room (max_pending reached).",
-            &st.pending_evicted_total,
-        ),
-        (
-            "switchboard_tunnel_received_bytes_total",
-            "Stream bytes received from the link.",
-            &st.bytes_from_link_total,
-        ),
-        (
-            "switchboard_tunnel_sent_bytes_total",
-            "Stream bytes sent on the link.",
-            &st.bytes_to_link_total,
-        ),
-        (
-            "switchboard_tunnel_window_grown_total",
-            "Times a stream's receive window grew (auto-tuning).",
-            &st.window_grown_total,
-        ),
-    ];
-    for (name, help, c) in counters {
-        out.counter(name, help, &[], load(c));
-    }
-}
+use crate::metrics::bump;
+use crate::proto::tunnel::{End, Event, Frame, Incoming, NoId, Problem, Session, Settings};
 
 /// A link: its connection, its session, the engine timer armed for the
 /// session's deadline, and what the role keeps per link (`X`).

@@ -14,7 +14,7 @@ use hashbrown::HashMap;
 use log::{debug, error, info, warn};
 
 use super::rng::Rng;
-use super::{Links, link_keepalive, report_stats};
+use super::{Links, link_keepalive};
 use crate::codec::Frame;
 use crate::codec::Framing;
 use crate::codec::tunnel::{ext, reject};
@@ -23,7 +23,7 @@ use crate::engine::{
     CloseReason, ConnKey, Ctx, EngineError, ListenOptions, ListenerId, LogLimit, Preview,
     Suppressed, TimerKey, View,
 };
-use crate::proto::tunnel::stats::bump;
+use crate::metrics::bump;
 use crate::proto::tunnel::{Failure, Incoming, LinkEvent, Listen, Session, Settings, TunnelStats};
 use crate::role::admission::{Admit, PER_IP_GRACE, Pending, PendingId, Throttle};
 use crate::role::{Reconfigure, Report, Role};
@@ -663,7 +663,7 @@ impl Role for TunnelServer {
             );
         }
         out.close_array();
-        report_stats(&self.mux.stats, out);
+        out.counters(&*self.mux.stats);
     }
 
     fn start(&mut self, ctx: &mut Ctx<'_>) -> Result<(), EngineError> {
