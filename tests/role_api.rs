@@ -81,6 +81,8 @@ enum Event {
     TimerCancelled(TimerKey),
     /// Answer to [`Cmd::SetConnTimer`].
     ConnTimerSet(ConnKey, u64, Option<TimerKey>),
+    /// Answer to [`Cmd::SetTag`]: the tag before and after.
+    Tagged(ConnKey, Option<u64>, Option<u64>),
     /// Answer to [`Cmd::Poke`].
     Poked(Poke),
     /// Answer to [`Cmd::Block`], sent before blocking.
@@ -129,6 +131,8 @@ enum Cmd {
         after: Duration,
         purpose: u64,
     },
+    /// Read the connection's tag, set a new one, read it again.
+    SetTag(ConnKey, u64),
     /// Call every per-connection `Ctx` method on the key, destructive ones
     /// included (pause, idle timeout, framing, close, abort).
     Poke(ConnKey),
@@ -201,6 +205,11 @@ impl Probe {
             Cmd::CancelTimer(key) => {
                 ctx.cancel_timer(key);
                 Event::TimerCancelled(key)
+            }
+            Cmd::SetTag(conn, tag) => {
+                let before = ctx.tag(conn);
+                ctx.set_tag(conn, tag);
+                Event::Tagged(conn, before, ctx.tag(conn))
             }
             Cmd::SetConnTimer {
                 conn,
@@ -841,6 +850,31 @@ fn connection_timers_fire_with_their_connection_and_die_with_it() {
         "a closed connection's or a cancelled timer fired ({a1:?}): {:#?}",
         p.log
     );
+    p.stop();
+}
+
+#[test]
+fn connections_carry_their_listeners_tag_until_the_role_changes_it() {
+    let tagged = ListenOptions {
+        tag: 7,
+        ..raw_listener()
+    };
+    let mut p = Probed::start(config(), vec![raw_listener(), tagged], no_hook);
+    let _plain_client = connect(p.addr(0));
+    let plain = p.accepted(0);
+    let tagged_client = connect(p.addr(1));
+    let t = p.accepted(1);
+    p.cmd(Cmd::SetTag(plain, 3));
+    p.wait("tag", |e| *e == Event::Tagged(plain, Some(0), Some(3)));
+    p.cmd(Cmd::SetTag(t, 9));
+    p.wait("tag", |e| *e == Event::Tagged(t, Some(7), Some(9)));
+    drop(tagged_client);
+    p.wait("on_closed", |e| {
+        *e == Event::Closed(t, CloseReason::PeerClosed)
+    });
+    // A stale key has no tag, and setting one does nothing.
+    p.cmd(Cmd::SetTag(t, 11));
+    p.wait("stale tag", |e| *e == Event::Tagged(t, None, None));
     p.stop();
 }
 

@@ -61,14 +61,13 @@ impl Engine {
                     if opts.nodelay {
                         sock.set_nodelay(true).ok();
                     }
-                    match self.core.insert_conn(
-                        sock,
-                        peer,
-                        role,
-                        opts.framing,
-                        opts.queue_bytes,
-                        false,
-                    ) {
+                    let setup = Setup {
+                        framing: opts.framing,
+                        queue_bytes: opts.queue_bytes,
+                        tag: opts.tag,
+                        outbound: false,
+                    };
+                    match self.core.insert_conn(sock, peer, role, setup) {
                         Ok(key) => {
                             Stats::add(&self.core.shared.stats.accepted_total, 1);
                             debug!("{key} accepted from {peer}");
@@ -127,10 +126,14 @@ impl Core {
         mut sock: TcpStream,
         peer: SocketAddr,
         role: RoleId,
-        framing: Framing,
-        queue_bytes: Option<usize>,
-        outbound: bool,
+        setup: Setup,
     ) -> io::Result<ConnKey> {
+        let Setup {
+            framing,
+            queue_bytes,
+            tag,
+            outbound,
+        } = setup;
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         if idx >= token::LISTENER_BASE || u32::try_from(idx).is_err() {
@@ -178,8 +181,19 @@ impl Core {
             reason: CloseReason::PeerClosed,
             told: false,
             role_timers: Vec::new(),
+            tag,
         });
         Stats::add(&self.shared.stats.connections, 1);
         Ok(ConnKey::new(idx, generation))
     }
+}
+
+/// How a new connection starts: from its listener's options, or its
+/// connect's.
+pub(super) struct Setup {
+    pub(super) framing: Framing,
+    pub(super) queue_bytes: Option<usize>,
+    pub(super) tag: u64,
+    /// An outbound connect (it starts `Connecting`).
+    pub(super) outbound: bool,
 }

@@ -120,6 +120,8 @@ pub(crate) struct Conn {
     pub(crate) told: bool,
     /// Timers the role set for this connection (live ones only).
     pub(crate) role_timers: Vec<TimerKey>,
+    /// What the connection is to its role ([`crate::Ctx::tag`]).
+    pub(crate) tag: u64,
 }
 
 // ===== impl Conn =====

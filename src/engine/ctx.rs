@@ -16,6 +16,7 @@ use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
+use super::accept::Setup;
 use super::buffer::QueueFull;
 use super::conn::{Conn, READABLE, ShutWrite, State};
 use super::handle::Handle;
@@ -47,6 +48,11 @@ impl View<'_> {
         self.core.conn(key).map(|c| c.peer)
     }
 
+    /// The tag of `key` (see [`Ctx::tag`]).
+    pub fn tag(&self, key: ConnKey) -> Option<u64> {
+        self.core.conn(key).map(|c| c.tag)
+    }
+
     /// The bound address of a listener.
     pub fn listener_addr(&self, id: ListenerId) -> Option<SocketAddr> {
         self.core.listeners.get(id.0).map(|l| l.local)
@@ -67,6 +73,9 @@ pub struct ListenOptions {
     pub queue_bytes: Option<usize>,
     /// Disable Nagle's algorithm on accepted connections (default: on, i.e. no delay).
     pub nodelay: bool,
+    /// The tag accepted connections start with ([`Ctx::tag`]): what they are
+    /// to the role, a number of its own (default 0).
+    pub tag: u64,
 }
 
 impl Default for ListenOptions {
@@ -75,6 +84,7 @@ impl Default for ListenOptions {
             framing: Framing::Raw,
             queue_bytes: None,
             nodelay: true,
+            tag: 0,
         }
     }
 }
@@ -91,6 +101,8 @@ pub struct ConnectOptions {
     /// Disable Nagle's algorithm (default: on, i.e. no delay, as for
     /// [`ListenOptions`]; small control frames must not wait for an ACK).
     pub nodelay: bool,
+    /// The connection's tag ([`Ctx::tag`]; default 0).
+    pub tag: u64,
 }
 
 impl Default for ConnectOptions {
@@ -100,6 +112,7 @@ impl Default for ConnectOptions {
             queue_bytes: None,
             timeout: None,
             nodelay: true,
+            tag: 0,
         }
     }
 }
@@ -419,6 +432,23 @@ impl Ctx<'_> {
         self.core.conn(key).map(|c| c.peer)
     }
 
+    /// What `key` is to its role: the tag it was accepted or opened with
+    /// ([`ListenOptions::tag`], [`ConnectOptions::tag`]) or last given
+    /// ([`Ctx::set_tag`]). The engine keeps it with the connection, so a
+    /// role tells its kinds of connection apart without a table of its own.
+    /// `None` for a stale key.
+    pub fn tag(&self, key: ConnKey) -> Option<u64> {
+        self.core.conn(key).map(|c| c.tag)
+    }
+
+    /// Give `key` a new tag (a connection changed what it is to the role:
+    /// a device that identified, say).
+    pub fn set_tag(&mut self, key: ConnKey, tag: u64) {
+        if let Some(c) = self.core.conn_mut(key) {
+            c.tag = tag;
+        }
+    }
+
     /// Close `key` after its queued bytes are written (at most `engine.linger`).
     /// The role's [`crate::Handler::on_closed`] follows at the end of the turn.
     pub fn close(&mut self, key: ConnKey) {
@@ -594,7 +624,13 @@ impl Ctx<'_> {
         if opts.nodelay {
             sock.set_nodelay(true).ok();
         }
-        let key = core.insert_conn(sock, addr, self.role, opts.framing, opts.queue_bytes, true)?;
+        let setup = Setup {
+            framing: opts.framing,
+            queue_bytes: opts.queue_bytes,
+            tag: opts.tag,
+            outbound: true,
+        };
+        let key = core.insert_conn(sock, addr, self.role, setup)?;
         let timeout = opts.timeout.unwrap_or(core.config.connect_timeout);
         let at = core.now + timeout;
         if let Some(c) = core.conns.get_mut(key.index as usize)

@@ -208,6 +208,7 @@ impl Role for Admin {
             framing: Framing::Raw,
             queue_bytes: Some(self.config.max_response + 1024),
             nodelay: true,
+            ..ListenOptions::default()
         };
         self.listener = Some(ctx.listen(self.config.listen, opts)?);
         info!(

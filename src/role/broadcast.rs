@@ -28,6 +28,9 @@ use crate::engine::{
 use crate::metrics::{add, bump};
 use crate::role::{OnFrameError, Report, Role};
 
+/// The tag of a TCP publisher's connection ([`Ctx::tag`]); subscribers
+/// keep the default 0.
+const PUBLISHER: u64 = 1;
 /// Room reserved at a time for a batch of records (one read's worth).
 const BATCH_BYTES: usize = 64 * 1024;
 /// Bytes read from stdin per message to the loop.
@@ -676,6 +679,7 @@ impl Role for Broadcast {
             Some(Ingest::Tcp(addr)) => {
                 let opts = ListenOptions {
                     framing,
+                    tag: PUBLISHER,
                     ..ListenOptions::default()
                 };
                 let id = ctx.listen(addr, opts)?;
@@ -724,9 +728,9 @@ impl Role for Broadcast {
         }
     }
 
-    fn on_frame(&mut self, _: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
+    fn on_frame(&mut self, ctx: &mut Ctx<'_>, conn: ConnKey, frame: Frame<'_>) {
         // Subscribers' own bytes are read (so the socket drains) and discarded.
-        if !self.publishers.iter().any(|p| p.key == conn) {
+        if ctx.tag(conn) != Some(PUBLISHER) {
             return;
         }
         // Collect the read's records; `on_input_done` publishes them at once.

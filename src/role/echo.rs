@@ -64,6 +64,7 @@ impl Role for Echo {
             framing: Framing::Raw,
             queue_bytes: self.queue_bytes,
             nodelay: true,
+            ..ListenOptions::default()
         };
         let id = ctx.listen(self.listen, opts)?;
         self.listener = Some(id);

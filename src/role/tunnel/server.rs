@@ -294,6 +294,7 @@ impl TunnelServer {
                 },
                 queue_bytes: Some(self.mux.settings.stream_queue()),
                 nodelay: true,
+                ..ListenOptions::default()
             };
             match ctx.listen(self.services[si].public, opts) {
                 Ok(id) => {
@@ -673,6 +674,7 @@ impl Role for TunnelServer {
             },
             queue_bytes: Some(self.mux.settings.link_queue()),
             nodelay: true,
+            ..ListenOptions::default()
         };
         self.link_listener = Some(ctx.listen(self.config.listen, opts)?);
         info!(
