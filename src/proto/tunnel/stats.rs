@@ -32,8 +32,8 @@ impl fmt::Display for AgentState {
     }
 }
 
-/// Counters shared with whoever holds [`TunnelServer::stats`] or
-/// [`TunnelAgent::stats`] (relaxed atomics; read from any thread).
+/// Counters shared with whoever holds `TunnelServer::stats` or
+/// `TunnelAgent::stats` (relaxed atomics; read from any thread).
 #[derive(Debug, Default)]
 pub struct TunnelStats {
     /// Links up now (handshake done).
