@@ -1,1424 +1,1643 @@
-//! The tunnel roles over real loopback sockets: a fuzzed sequence of link
-//! frames played at a running `TunnelServer` (as if from an agent) or at a
-//! running `TunnelAgent` (as if from a server), with public clients and the
-//! agent's local echo service taking part. One engine runs for the whole
-//! fuzzing process; every input is one link session. Any panic on the engine
-//! thread aborts the process (libfuzzer-sys installs an aborting panic hook),
-//! so libFuzzer reports it with the input that was being played; the target
-//! also fails if the engine thread has returned, stops answering, or keeps
-//! connections or file descriptors after the sessions are over, and on any
-//! frame from the engine that breaks a rule of docs/PROTOCOL.md the harness
-//! can check (see [`Checker`]).
+//! The tunnel session core (`proto::tunnel::Session`) driven directly: a
+//! server session and an agent session joined by an in-memory link, with the
+//! harness playing both adapters (`role::tunnel`): it carries each side's
+//! `transmit()` bytes and the DATA frames it writes itself over the "wire",
+//! decodes them on the other side (`TunnelDecoder` + `Frame::parse`), answers
+//! the handshake as the roles do, opens, feeds, drains and closes stream
+//! "sockets", and moves a clock. The input is a script of such operations,
+//! hostile frames and raw bytes included.
+//!
+//! No sockets, threads, clocks or randomness: time is a fixed `Instant`
+//! (taken once per process) plus the offsets the script adds, nonces come
+//! from the input, and every input is run twice from scratch; the two runs
+//! must give the same trace (a hash of every byte sent and every event), so
+//! an artifact replays the same way every time.
+//!
+//! # Checks (a panic is a finding)
+//!
+//! - The session never panics (overflow checks are on in fuzz builds).
+//! - `transmit()` is always whole, well-formed frames (payload <= 65 535)
+//!   that follow docs/PROTOCOL.md as far as one side can tell: no DATA (the
+//!   adapter writes it), each handshake frame only from its side and with
+//!   id 0 and a well-formed payload, CONNECT only from the server, WINDOW /
+//!   SHUTDOWN / PING only with CREDIT / HALF_CLOSE / HEARTBEAT, no unknown
+//!   commands.
+//! - Streams: the harness tracks the handles it opened and the `Event::End`s
+//!   (and its own `stream_closed` calls) that release them. `open_streams()`
+//!   and the `streams` gauge equal that count; every event names a handle
+//!   the harness holds (only `Stall(h, false)` may name one released in the
+//!   same step); `End` releases a handle exactly once; `data_sent` finds
+//!   every held stream; `Chunk` is within 1..=`max_data`; `open_streams()` <=
+//!   `max_streams`; a call for an id that is not open does nothing.
+//! - Links: `links` gauge = `is_up()`; `Up` once per session with the flags
+//!   in force (for an agent with a token: only after the server proved it,
+//!   hostile server or not); `close_all` hands back exactly the held
+//!   handles, once, and the `streams`, `links` and `window_grown_bytes`
+//!   gauges return to 0;
+//!   `poll_timeout()` is after `now` once `handle_timeout(now)` ran;
+//!   `window_grown_bytes` <= `link_window`; the link is paused (`PauseLink`)
+//!   exactly while some held stream is stalled (`Stall(h, true)`).
+//! - While nothing hostile was injected on the link ("untainted"), the
+//!   stream sockets only report full drains (as the engine does) and no
+//!   held stream lost a delivery to a closed socket: both sides agree on
+//!   the flags; a handshake fails only by REJECT or for a token the server
+//!   does not have; no CREDIT violation, credit overflow, id reuse or
+//!   unreleased id on a CLOSE_ACK link; no DATA after the peer's SHUTDOWN; a
+//!   stream socket's queue never outgrows `Settings::stream_queue` (the
+//!   window and the base rule bound it); and on a CLOSE_ACK link every
+//!   stream's bytes arrive, in order, at the stream the peer opened for it
+//!   (each payload byte encodes its sender and offset), with the CONNECT's
+//!   client address the server's. CREDIT liveness: once both wires are
+//!   empty and a stream's receiving socket has written everything, the
+//!   sending stream has credit again (is read) unless the stream is ending.
 //!
 //! # Input
 //!
-//! Byte 0 picks the session, the rest is a stream of tunnel frames
-//! (`[size: u16][command][id][payload]`, exactly the wire format; a trailing
-//! partial frame is written as is at the end).
+//! Six setup bytes (missing bytes read as 0), then operations.
 //!
-//! | byte 0 bits | server session (bit 0 = 0)           | agent session (bit 0 = 1) |
-//! |-------------|--------------------------------------|---------------------------|
-//! | 1-2         | preamble: 0 none, 1 empty LISTEN, 2 extension request for `open`, 3 extension request for `secure` + AUTH | agent: 0 base (`extensions = false`), 1 extended `open`, 2 extended `secure` with a token, 3 as 1 |
-//! | 3           | -                                    | preamble: HELLO + READY (both filled in, see below) |
+//! | byte | meaning |
+//! |------|---------|
+//! | 0, 1 | server settings (see [`settings`]) |
+//! | 2, 3 | agent settings |
+//! | 4    | handshake: bit 0 the service has a token; bits 1-2 the agent's token (0 none, 1 and 3 the service's, 2 a wrong one); bit 3 the agent asks for the extensions; bits 4-5 the name it asks for (`svc`, empty, `other`, 65 bytes) |
+//! | 5    | nonce seed |
 //!
-//! Frames are sent as they are, except:
+//! Each operation is one byte: bits 0-3 the opcode, bit 4 the side `x` (0
+//! server, 1 agent), bits 5-7 `k` (a stream: the `k % n`-th stream the side
+//! holds); arguments follow.
 //!
-//! - server session: an AUTH with an empty payload carries the correct tag
-//!   for the HELLO the server sent (token `secret-0123456789`); the first LISTEN with a
-//!   payload waits (briefly) for the server's HELLO or REJECT.
-//! - agent session: a HELLO with an empty payload is a valid HELLO granting
-//!   every extension the agent asked for (a 2-byte payload: those flags, as
-//!   far as asked for); a READY with an empty payload after a HELLO that
-//!   granted AUTH carries the correct server tag; a CONNECT whose target
-//!   (after the PEER_ADDR prefix, when granted) is `@e` names the echo
-//!   service, `@d` a closed port, `@s` the tunnel server's own link port
-//!   (all three on the agent's allowlist).
-//! - commands 0xF0..=0xF8 are harness actions, not sent (see the table).
+//! | op | name | arguments | what |
+//! |----|------|-----------|------|
+//! | 0  | PUMP | n | move `n` bytes (0: all) of side `x`'s wire to the other side, which decodes and handles the whole frames (unless its link reading is paused; the agent only once started) |
+//! | 1  | START | | agent: the TCP connection is up, `start` (LISTEN) |
+//! | 2  | OPEN | p | server: public clients from addresses `p`, `p + 1`, ... (bit 0: IPv6), `open_stream` each: 1, 1, 2, 4, 16, 64, 128 or 256 of them (by `k`; enough to run out of ids), up to the first one refused |
+//! | 3  | DATA | len, q | stream `k` of `x` (when the adapter would read it: reading, not at EOF, not closing) read `max(1, chunk * (len + 1) / 256)` bytes: DATA frame on the wire, `data_sent` with `link_queued` = the wire's length (q = 0) or `q` KiB |
+//! | 4  | DRAIN | a | stream `k`'s socket wrote everything (a = 0; what the engine reports) or `64 a` bytes, then `stream_drained` |
+//! | 5  | EOF | | stream `k`'s socket read EOF: `stream_eof` |
+//! | 6  | CLOSED | | stream `k`'s socket is gone: `stream_closed` |
+//! | 7  | TIME | t | advance the clock `t` ms (t < 200) or `(t - 199) * 250` ms; `handle_timeout` on each side that is due |
+//! | 8  | DRAINED | | `link_drained` on side `x` (spurious; the harness also calls it when a watched wire empties) |
+//! | 9  | MODE | m | side `x`'s adapter behaviour: bit 0 slow stream sockets (bytes stay queued until DRAIN); bit 1 `flush` writes nothing; bit 2 every delivery overflows the socket (Full: `stream_closed`); bit 3 every delivery finds the socket closed; bit 4 refuse (server: REJECT the LISTEN with code 1, 2, 4 or 77 by `m >> 6`; agent: refuse CONNECTs); bit 5 server: the public port cannot be opened after HELLO / READY. Kept for the next link |
+//! | 10 | FRAME | c, id, ... | hostile: a frame to side `x` appended to the other side's wire: command `c & 15` (see [`COMMANDS`]); with bit 7 of `c` a typed payload (LISTEN / HELLO: flags u16, window u32, nonce byte, name byte; WINDOW u32; PING 8 bytes; CONNECT: address byte, target length, target; AUTH 32 bytes), else a length byte and the payload |
+//! | 11 | RAW | n, bytes | hostile: `n` raw bytes to side `x` (may desynchronise the framing) |
+//! | 12 | STALE | kind, id | a call for id `id` on side `x` if it is not open: `delivered`, `stream_drained`, `stream_eof`, `stream_closed`, `data_sent`; it must do nothing |
+//! | 13 | DOWN | | the link is up: side `x` closes it (k bit 0: gracefully, its wire delivered first; else abort); the link is down: a new link (at most 4 per input) |
+//! | 14 | TIMER | | `handle_timeout(now)` on side `x` whether due or not |
+//! | 15 | SETTLE | | pump both ways until both wires are empty (at most 32 rounds) |
 //!
-//! Waits for answers the engine owes (HELLO after a request, CONNECT after
-//! OPEN, a public port) give up after 20 ms, and after 30 ms in all per
-//! input; at the end the harness half-closes the link and reads until the
-//! engine closes it (at most 200 ms, else the echo probe). The base agent's
-//! links have a small receive buffer. `TUNNEL_SESSION_TRACE=1` prints the
-//! frames each way, `=debug` / `=trace` the engine's log as well.
-//!
-//!
-//! | command | action |
-//! |---------|--------|
-//! | 0xF0 OPEN    | server: connect a public client to service `open` (id bit 0 clear) or `secure` (set) and wait for its CONNECT; id bit 1: the client has a small receive buffer |
-//! | 0xF1 SEND    | server: public client `id % n` writes the payload |
-//! | 0xF2 SHUT    | server: public client `id % n` shuts down its sending side |
-//! | 0xF3 DROP    | server: public client `id % n` closes |
-//! | 0xF4 SYNC    | read the link for `1 + id % 20` ms |
-//! | 0xF5 PAUSE   | sleep `id % 21` ms (at most 40 ms per input) |
-//! | 0xF6 RAW     | write the payload to the link as raw bytes |
-//! | 0xF7 REPEAT  | write the previous frame again `id` times (at most 1 MiB written to the link per input) |
-//! | 0xF8 READ    | server: read what public client `id % n` has (1 ms) |
+//! At the end the link is closed and the close checks run.
+//! `TUNNEL_SESSION_TRACE=1` prints the operations, frames and events, and
+//! the trace hash (the same in every process for the same input).
 #![no_main]
 
-use std::borrow::Cow;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, KeyInit, Mac};
 use libfuzzer_sys::fuzz_target;
-use sha2::Sha256;
 use switchboard::codec::Decoded;
 use switchboard::codec::tunnel::{
-    self, Command, Hello, ListenRequest, MAC_LEN, MAX_PAYLOAD, NONCE_LEN, TunnelDecoder,
-    TunnelFrame, ext,
+    self, Command, HEADER_LEN, Hello, ListenRequest, MAC_LEN, MAX_PAYLOAD, NONCE_LEN,
+    TunnelDecoder, ext, reject,
 };
-use switchboard::role::{Echo, TunnelAgent, TunnelServer, TunnelStats};
-use switchboard::{Config, Engine, EngineError, Handle};
+use switchboard::proto::tunnel::{
+    AgentHello, Event, Failure, Frame, Incoming, LinkEvent, Listen, Problem, Session, Settings,
+    TunnelStats,
+};
 
-// Harness actions (see the module docs).
-const OPEN: u8 = 0xF0;
-const SEND: u8 = 0xF1;
-const SHUT: u8 = 0xF2;
-const DROP: u8 = 0xF3;
-const SYNC: u8 = 0xF4;
-const PAUSE: u8 = 0xF5;
-const RAW: u8 = 0xF6;
-const REPEAT: u8 = 0xF7;
-const READ: u8 = 0xF8;
-
-/// The token of service `secure` (and of the `secure` agent).
-const TOKEN: &[u8] = b"secret-0123456789";
-/// What the harness waits for an answer the engine owes at once.
-const WAIT: Duration = Duration::from_millis(20);
-/// What one session may spend in such waits that time out (a session whose
-/// link is not up would otherwise wait `WAIT` for every OPEN).
-const WAIT_BUDGET: Duration = Duration::from_millis(30);
-/// What the harness waits at the end of a session for the link to close.
-const END_WAIT: Duration = Duration::from_millis(200);
-/// An agent reconnects within `reconnect_max` (5 ms); this much is a hang.
-const AGENT_WAIT: Duration = Duration::from_secs(5);
-/// How long the engine may take to answer the echo probe before it counts as stuck.
-const PROBE_WAIT: Duration = Duration::from_secs(5);
-/// Bytes the harness writes to a link per input (REPEAT), which bounds the
-/// time an input takes. (Not enough to outgrow the kernel's socket buffers,
-/// which grow to 4 MiB on loopback: the base-mode stall timeout is out of reach.)
-const MAX_LINK_BYTES: usize = 1 << 20;
-/// Public clients per server session.
-const MAX_CLIENTS: usize = 8;
-/// Total sleep per input (PAUSE).
-const MAX_PAUSE: Duration = Duration::from_millis(40);
-/// Connections the engine may hold between sessions (agent links in their
-/// handshake, connections lingering); far more is a leak.
-const MAX_IDLE_CONNECTIONS: u64 = 256;
-/// Open file descriptors the process may have between sessions.
-const MAX_FDS: usize = 1024;
-/// `SO_RCVBUF` of a "slow" public client (OPEN id bit 1) and of the links the
-/// base agent dials in (it has no credit: its send queues can fill).
-const SMALL_RCVBUF: usize = 4096;
-/// The window the harness grants in its HELLO, and its nonce.
-const HARNESS_WINDOW: u32 = 2048;
-const HARNESS_NONCE: [u8; NONCE_LEN] = *b"harness-nonce-16";
-
-/// The running engine and what the sessions need to reach it.
-struct Harness {
-    thread: Mutex<Option<JoinHandle<Result<(), EngineError>>>>,
-    handle: Handle,
-    /// The server's link listener.
-    link: SocketAddr,
-    server: Arc<TunnelStats>,
-    agents: Vec<AgentSlot>,
-    echo: SocketAddr,
-    dead: SocketAddr,
-    last_report: Mutex<(Instant, u64)>,
-}
-
-/// One agent role and the listener it dials (the harness is its server).
-struct AgentSlot {
-    listener: TcpListener,
-    stats: Arc<TunnelStats>,
-    name: &'static str,
-    extensions: bool,
-    token: Option<&'static [u8]>,
-}
-
-fn harness() -> &'static Harness {
-    static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(start_engine)
-}
-
-/// A loopback address nobody listens on (bound, then released).
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr")
-}
-
-fn start_engine() -> Harness {
-    // What a Rust `main` does before it runs, and the switchboard binary
-    // relies on: the engine writes with writev(2), which raises SIGPIPE on a
-    // connection the peer has reset. libFuzzer's C++ `main` leaves SIGPIPE's
-    // default action (terminate), so without this the first such write kills
-    // the fuzzer silently (exit status 141, no crash report).
-    // SAFETY: setting a signal disposition to SIG_IGN before other threads exist.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
-    trace(); // installs the logger first, if asked for
-    let echo = free_addr();
-    let dead = free_addr();
-    let link = free_addr();
-    let specs: [(&str, bool, Option<&[u8]>); 3] = [
-        ("", false, None),
-        ("open", true, None),
-        ("secure", true, Some(TOKEN)),
-    ];
-    let listeners: Vec<TcpListener> = specs
-        .iter()
-        .map(|&(_, extensions, _)| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .expect("socket");
-            if !extensions {
-                // Inherited by the accepted links: the agent's link queue can fill.
-                s.set_recv_buffer_size(SMALL_RCVBUF).expect("SO_RCVBUF");
-            }
-            let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-            s.bind(&any.into()).expect("bind agent server");
-            s.listen(16).expect("listen");
-            let l: TcpListener = s.into();
-            l.set_nonblocking(true).expect("nonblocking");
-            l
-        })
-        .collect();
-    let mut toml = format!(
-        r#"
-[engine]
-max_connections = 1024
-linger = "100ms"
-connect_timeout = "1s"
-
-[[echo]]
-name = "echo"
-listen = "{echo}"
-
-[[tunnel_server]]
-name = "server"
-listen = "{link}"
-max_streams = 4
-window = 2048
-max_data = 1024
-max_frame = 65535
-heartbeat_interval = "10ms"
-heartbeat_timeout = "50ms"
-handshake_timeout = "20ms"
-max_pending = 8
-id_quarantine = "5ms"
-stall_timeout = "20ms"
-
-[[tunnel_server.service]]
-name = "open"
-public = "127.0.0.1:0"
-
-[[tunnel_server.service]]
-name = "secure"
-public = "127.0.0.1:0"
-token = "{token}"
-"#,
-        token = std::str::from_utf8(TOKEN).expect("utf-8 token"),
-    );
-    for ((name, extensions, token), l) in specs.iter().zip(&listeners) {
-        let server = l.local_addr().expect("local_addr");
-        let token_line = token.map_or_else(String::new, |t| {
-            format!("token = \"{}\"\n", std::str::from_utf8(t).expect("utf-8"))
-        });
-        toml.push_str(&format!(
-            r#"
-[[tunnel_agent]]
-name = "{name}"
-server = "{server}"
-local = "{echo}"
-allow = ["{echo}", "{dead}", "{link}"]
-extensions = {extensions}
-{token_line}max_streams = 4
-window = 2048
-max_data = 1024
-max_frame = 65535
-heartbeat_interval = "10ms"
-heartbeat_timeout = "50ms"
-connect_timeout = "100ms"
-reconnect_min = "1ms"
-reconnect_max = "5ms"
-stall_timeout = "20ms"
-"#
-        ));
-    }
-    let config = Config::parse(&toml).unwrap_or_else(|e| panic!("harness config: {e}"));
-    let mut engine = Engine::new(config.engine.clone()).expect("engine");
-    engine.add_role(Box::new(Echo::new(&config.echo[0])));
-    let server = TunnelServer::new(&config.tunnel_server[0]);
-    let server_stats = server.stats();
-    engine.add_role(Box::new(server));
-    let mut agents = Vec::new();
-    for ((cfg, (name, extensions, token)), listener) in
-        config.tunnel_agent.iter().zip(specs).zip(listeners)
-    {
-        let agent = TunnelAgent::new(cfg);
-        agents.push(AgentSlot {
-            listener,
-            stats: agent.stats(),
-            name,
-            extensions,
-            token,
-        });
-        engine.add_role(Box::new(agent));
-    }
-    engine.start().expect("engine start");
-    let handle = engine.handle();
-    let thread = thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || engine.run())
-        .expect("spawn the engine thread");
-    Harness {
-        thread: Mutex::new(Some(thread)),
-        handle,
-        link,
-        server: server_stats,
-        agents,
-        echo,
-        dead,
-        last_report: Mutex::new((Instant::now(), 0)),
-    }
-}
+const SERVER: usize = 0;
+const AGENT: usize = 1;
+const SIDE: [&str; 2] = ["server", "agent"];
+/// The service the server offers.
+const SERVICE: &[u8] = b"svc";
+const TOKEN: &[u8] = b"fuzz-token-0123456789";
+const WRONG_TOKEN: &[u8] = b"fuzz-token-9876543210";
+/// Links per input (the first and up to three reconnects).
+const MAX_LINKS: u32 = 4;
+/// Command bytes for FRAME (`c & 15`).
+const COMMANDS: [u8; 16] = [1, 2, 3, 4, 16, 17, 18, 19, 20, 21, 22, 23, 0, 5, 24, 255];
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, stream)) = data.split_first() else {
-        return;
-    };
-    let h = harness();
-    let started = Instant::now();
-    if trace() {
-        eprintln!("  {:>10.3?} session {mode:#04x}", stamp());
+    let first = run(data, trace_on());
+    let again = run(data, false);
+    assert_eq!(first, again, "the same input replayed differently");
+    if trace_on() {
+        // Compare across processes: the same input prints the same hash.
+        eprintln!("trace hash {first:016x}");
     }
-    if mode & 1 == 0 {
-        server_session(h, (mode >> 1) & 3, stream);
-    } else {
-        agent_session(h, usize::from((mode >> 1) & 3) % 3, mode & 8 != 0, stream);
-    }
-    if trace() {
-        eprintln!("tunnel_session: mode {mode:#04x}: {:?}", started.elapsed());
-    }
-    after_session(h);
 });
 
-// ===== checks =====
-
-/// Fail if the engine thread has returned or panicked.
-fn check_engine_alive(h: &Harness) {
-    let mut slot = h.thread.lock().unwrap_or_else(|e| e.into_inner());
-    if slot.as_ref().is_some_and(JoinHandle::is_finished) {
-        let thread = slot.take().expect("checked");
-        match thread.join() {
-            Ok(Ok(())) => panic!("the engine thread returned (stopped) during fuzzing"),
-            Ok(Err(e)) => panic!("the engine thread failed: {e}"),
-            Err(_) => panic!("the engine thread panicked"),
-        }
-    }
-    assert!(slot.is_some(), "the engine thread is gone");
+fn trace_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TUNNEL_SESSION_TRACE").is_some_and(|v| v != "0"))
 }
 
-/// Fail unless the engine answers on its echo port within `PROBE_WAIT`.
-fn check_engine_responsive(h: &Harness) {
-    check_engine_alive(h);
-    let probe = || -> std::io::Result<()> {
-        let mut s = TcpStream::connect_timeout(&h.echo, PROBE_WAIT)?;
-        s.set_read_timeout(Some(PROBE_WAIT))?;
-        s.set_write_timeout(Some(PROBE_WAIT))?;
-        s.write_all(b"?")?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
-        Ok(())
+/// The clock's origin: one `Instant` per process; only offsets from it
+/// reach the sessions, and they use time only relative to earlier `now`s.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Run one script from scratch; returns the trace hash.
+fn run(data: &[u8], verbose: bool) -> u64 {
+    let mut inp = Input { data, pos: 0 };
+    let cfg = Cfg::read(&mut inp);
+    let mut w = World::new(cfg, verbose);
+    while !inp.done() {
+        let op = inp.byte();
+        w.step(op, &mut inp);
+        w.check();
+    }
+    w.link_down(None, "end of input");
+    w.hash.0
+}
+
+struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Input<'_> {
+    fn done(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes([self.byte(), self.byte()])
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
+    }
+}
+
+/// FNV-1a over everything observable: the determinism check compares it.
+struct Hash(u64);
+
+impl Hash {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn num(&mut self, n: u64) {
+        self.bytes(&n.to_le_bytes());
+    }
+}
+
+/// One side's settings from two bytes (always a configuration the config
+/// validation accepts: `max_data` <= `window` <= `max_window`, `link_window`).
+///
+/// Byte a: bits 0-1 `window` (64, 1000, 4096, 65 536); bits 2-3 `max_data`
+/// (1, 64, 512, 16 384; at most `window`); bits 4-5 `max_window` (`window`
+/// times 1, 2, 4, 16); bits 6-7 `link_window` (`window` times 1, 2, 8, 64).
+/// Byte b: bits 0-2 `max_streams` (1, 2, 3, 4, 8, 16, 64, 256); bits 3-4 the
+/// server's id quarantine (0, 10, 100, 2000 ms; the agent has none); bit 5
+/// `heartbeat_interval` (10 ms, 1 s); bit 6 `handshake_timeout` (50 ms,
+/// 10 s); bit 7 the link's largest accepted frame (65 535, 4096).
+fn settings(a: u8, b: u8, server: bool) -> (Settings, usize) {
+    let a = usize::from(a);
+    let b = usize::from(b);
+    let window = [64u32, 1000, 4096, 65_536][a & 3];
+    let max_data = [1usize, 64, 512, 16_384][(a >> 2) & 3].min(window as usize);
+    let max_window = window * [1, 2, 4, 16][(a >> 4) & 3];
+    let link_window = window * [1, 2, 8, 64][(a >> 6) & 3];
+    let ms = Duration::from_millis;
+    let s = Settings {
+        window,
+        max_window,
+        link_window,
+        max_data,
+        max_streams: [1, 2, 3, 4, 8, 16, 64, 256][b & 7],
+        quarantine: server.then(|| ms([0, 10, 100, 2000][(b >> 3) & 3])),
+        heartbeat_interval: ms([10, 1000][(b >> 5) & 1]),
+        handshake_timeout: ms([50, 10_000][(b >> 6) & 1]),
     };
-    if let Err(e) = probe() {
-        check_engine_alive(h);
-        panic!("the engine does not answer its echo port within {PROBE_WAIT:?}: {e}");
-    }
+    (s, [MAX_PAYLOAD, 4096][(b >> 7) & 1])
 }
 
-/// `TUNNEL_SESSION_TRACE=1`: print every frame each way and the counters
-/// after every session (for checking what a seed does); `=debug` or
-/// `=trace`: the engine's and the roles' log at that level too.
-fn trace() -> bool {
-    static T: OnceLock<bool> = OnceLock::new();
-    *T.get_or_init(|| {
-        let Some(v) = std::env::var_os("TUNNEL_SESSION_TRACE") else {
-            return false;
-        };
-        let level = match v.to_str() {
-            Some("debug") => Some(log::LevelFilter::Debug),
-            Some("trace") => Some(log::LevelFilter::Trace),
-            _ => None,
-        };
-        if let Some(level) = level {
-            let config = simplelog::ConfigBuilder::new()
-                .set_time_level(log::LevelFilter::Off)
-                .build();
-            let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
-        }
-        v != "0"
-    })
+struct Cfg {
+    settings: [Settings; 2],
+    max_frame: [usize; 2],
+    server_token: Option<&'static [u8]>,
+    agent_token: Option<&'static [u8]>,
+    extensions: bool,
+    name: Vec<u8>,
+    seed: u8,
 }
 
-/// Time since the process started, for trace lines.
-fn stamp() -> Duration {
-    static T0: OnceLock<Instant> = OnceLock::new();
-    T0.get_or_init(Instant::now).elapsed()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
-}
-
-/// Between sessions: the engine is alive and holds no pile of connections.
-fn after_session(h: &Harness) {
-    check_engine_alive(h);
-    let idle = || h.handle.connections() <= MAX_IDLE_CONNECTIONS && open_fds() <= MAX_FDS;
-    if !idle() && !wait_until(Duration::from_secs(2), idle) {
-        panic!(
-            "after the session the engine holds {} connections and the process {} fds (limits {MAX_IDLE_CONNECTIONS}, {MAX_FDS}): leak?",
-            h.handle.connections(),
-            open_fds()
+impl Cfg {
+    fn read(inp: &mut Input<'_>) -> Cfg {
+        let (s0, s1, a0, a1, hs, seed) = (
+            inp.byte(),
+            inp.byte(),
+            inp.byte(),
+            inp.byte(),
+            inp.byte(),
+            inp.byte(),
         );
-    }
-    let mut last = h.last_report.lock().unwrap_or_else(|e| e.into_inner());
-    last.1 += 1;
-    if trace() || last.0.elapsed() >= Duration::from_secs(10) {
-        *last = (Instant::now(), last.1);
-        report(h, last.1);
-    }
-}
-
-/// A line of counters on stderr, so a run shows which paths the sessions reach.
-fn report(h: &Harness, inputs: u64) {
-    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let s = &h.server;
-    eprintln!(
-        "tunnel_session: {inputs} sessions; engine conns {} fds {}; server links_total {} streams_total {} refused {} rejected {} auth_failed {} unknown {} malformed {} stale {} credit_viol {} stalled {}",
-        h.handle.connections(),
-        open_fds(),
-        c(&s.links_total),
-        c(&s.streams_total),
-        c(&s.refused_total),
-        c(&s.rejected_total),
-        c(&s.auth_failed_total),
-        c(&s.unknown_total),
-        c(&s.malformed_total),
-        c(&s.stale_total),
-        c(&s.credit_violations_total),
-        c(&s.stalled_total),
-    );
-    for a in &h.agents {
-        let s = &a.stats;
-        eprintln!(
-            "tunnel_session:   agent '{}': links_total {} reconnects {} streams_total {} refused {} rejected {} auth_failed {} unknown {} malformed {} stale {} credit_viol {}",
-            a.name,
-            c(&s.links_total),
-            c(&s.reconnects_total),
-            c(&s.streams_total),
-            c(&s.refused_total),
-            c(&s.rejected_total),
-            c(&s.auth_failed_total),
-            c(&s.unknown_total),
-            c(&s.malformed_total),
-            c(&s.stale_total),
-            c(&s.credit_violations_total),
-        );
-    }
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_micros(50);
-    loop {
-        if cond() {
-            return true;
+        let (ss, sf) = settings(s0, s1, true);
+        let (as_, af) = settings(a0, a1, false);
+        Cfg {
+            settings: [ss, as_],
+            max_frame: [sf, af],
+            server_token: (hs & 1 != 0).then_some(TOKEN),
+            agent_token: [None, Some(TOKEN), Some(WRONG_TOKEN), Some(TOKEN)]
+                [usize::from(hs >> 1) & 3],
+            extensions: hs & 8 != 0,
+            name: name(hs >> 4),
+            seed,
         }
-        if Instant::now() >= deadline {
-            return cond();
+    }
+}
+
+fn name(k: u8) -> Vec<u8> {
+    match k & 3 {
+        0 => SERVICE.to_vec(),
+        1 => Vec::new(),
+        2 => b"other".to_vec(),
+        _ => vec![b'n'; 65],
+    }
+}
+
+fn nonce(seed: u8, link: u32, salt: u8) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    for (i, b) in n.iter_mut().enumerate() {
+        *b = seed ^ salt ^ (link as u8).wrapping_mul(31) ^ (i as u8).wrapping_mul(17);
+    }
+    n
+}
+
+/// Byte `k` of the stream the harness calls `h`: a misrouted or reordered
+/// byte shows.
+fn pattern(h: u32, k: u64) -> u8 {
+    let x = (k as u32).wrapping_mul(0x9E37_79B1) ^ h.wrapping_mul(0x85EB_CA6B);
+    (x >> 24) as u8 ^ (k as u8) ^ ((k >> 8) as u8)
+}
+
+/// A stream socket as the harness sees it.
+struct Strm {
+    handle: u32,
+    id: u8,
+    /// The adapter reads the socket.
+    reading: bool,
+    /// The most it reads at a time.
+    chunk: usize,
+    /// The socket read EOF (reported).
+    eof: bool,
+    /// `Event::Close`: the socket is closing; no more reads.
+    closing: bool,
+    /// `Event::ShutdownWrite`.
+    shut_write: bool,
+    /// `Event::Stall(_, true)` and no `Stall(_, false)` since.
+    stalled: bool,
+    /// Bytes in its send queue.
+    queued: usize,
+    /// Bytes read from it and sent / received for it.
+    sent: u64,
+    recv: u64,
+    /// The peer side's handle for the same stream (CLOSE_ACK links).
+    peer: Option<u32>,
+    /// Server: the client's address.
+    client: Option<SocketAddr>,
+}
+
+impl Strm {
+    fn new(handle: u32, id: u8, max_data: usize) -> Strm {
+        Strm {
+            handle,
+            id,
+            reading: true,
+            chunk: max_data,
+            eof: false,
+            closing: false,
+            shut_write: false,
+            stalled: false,
+            queued: 0,
+            sent: 0,
+            recv: 0,
+            peer: None,
+            client: None,
         }
-        thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(2));
     }
 }
 
-// ===== frames =====
+// Adapter behaviour bits (MODE).
+const SLOW: u8 = 1;
+const NO_FLUSH: u8 = 2;
+const FULL: u8 = 4;
+const CLOSED: u8 = 8;
+const REFUSE: u8 = 16;
+const LISTEN_FAILED: u8 = 32;
 
-fn frame(command: u8, id: u8, payload: &[u8]) -> Vec<u8> {
-    let head = tunnel::header(Command::from_u8(command), id, payload.len())
-        .expect("payloads come from the tunnel decoder: at most 65 535 bytes");
-    let mut v = Vec::with_capacity(head.len() + payload.len());
-    v.extend_from_slice(&head);
-    v.extend_from_slice(payload);
-    v
-}
-
-/// Call `f(command, id, payload)` for each whole frame of `stream`; returns
-/// the trailing partial frame.
-fn for_each_frame<'a>(mut stream: &'a [u8], mut f: impl FnMut(u8, u8, &[u8])) -> &'a [u8] {
-    let mut decoder = TunnelDecoder::new(MAX_PAYLOAD);
-    while let Ok(Decoded::Frame(fr, used)) = decoder.decode(stream) {
-        let t = TunnelFrame::parse(fr.raw).expect("decoded frames parse");
-        f(t.command.to_u8(), t.id, t.payload);
-        stream = &stream[used..];
-    }
-    stream
-}
-
-fn hmac(label: &[u8], first: &[u8], second: &[u8], flags: u16, name: &[u8]) -> [u8; MAC_LEN] {
-    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(TOKEN).expect("any key length");
-    m.update(label);
-    m.update(first);
-    m.update(second);
-    m.update(&flags.to_be_bytes());
-    m.update(name);
-    m.finalize().into_bytes().into()
-}
-
-/// The agent's AUTH tag (docs/PROTOCOL.md §4.1).
-fn agent_tag(agent_nonce: &[u8], server_nonce: &[u8], flags: u16, name: &[u8]) -> [u8; MAC_LEN] {
-    hmac(
-        b"switchboard-tunnel-v1 agent",
-        agent_nonce,
-        server_nonce,
-        flags,
-        name,
-    )
-}
-
-/// The server's READY tag.
-fn server_tag(agent_nonce: &[u8], server_nonce: &[u8], flags: u16, name: &[u8]) -> [u8; MAC_LEN] {
-    hmac(
-        b"switchboard-tunnel-v1 server",
-        server_nonce,
-        agent_nonce,
-        flags,
-        name,
-    )
-}
-
-fn listen_request(flags: u16, name: &str) -> Vec<u8> {
-    let req = ListenRequest {
-        flags,
-        window: 4096,
-        nonce: *b"agent-nonce-0016",
-        name: name.as_bytes(),
-    };
-    let mut v = Vec::new();
-    req.encode(&mut v).expect("a short name encodes");
-    v
-}
-
-// ===== the harness end of a link =====
-
-struct Link {
-    sock: TcpStream,
+struct Side {
+    session: Session<u32>,
+    stats: Arc<TunnelStats>,
+    settings: Settings,
+    /// Streams the harness holds, in the order they opened.
+    streams: Vec<Strm>,
+    /// The handle holding each id (0: none).
+    by_id: [u32; 256],
+    /// Bytes written to the link and not yet taken by the peer.
+    wire: Vec<u8>,
+    /// Bytes received and not yet handled.
     rx: Vec<u8>,
     decoder: TunnelDecoder,
-    scratch: Vec<u8>,
-    /// Read EOF (or an error): the engine closed the link.
-    eof: bool,
-    /// A write failed or timed out: nothing more is written.
-    broken: bool,
-    /// Bytes written so far (at most `MAX_LINK_BYTES`).
-    written: usize,
-    /// The protocol rules every frame from the engine must keep.
-    check: Checker,
+    /// `PauseLink`: the adapter stopped reading the link.
+    paused: bool,
+    /// `AfterSend::watch_link`: call `link_drained` when the wire empties.
+    watch_link: bool,
+    /// Agent: `start` was called.
+    started: bool,
+    up_seen: bool,
+    mode: u8,
+    /// Handles released during the current step.
+    released: Vec<u32>,
+    next_handle: u32,
 }
 
-impl Link {
-    fn new(sock: TcpStream, check: Checker) -> Link {
-        let _ = sock.set_nodelay(true);
-        let _ = sock.set_nonblocking(false);
-        let _ = sock.set_write_timeout(Some(Duration::from_millis(50)));
-        Link {
-            sock,
+impl Side {
+    fn new(x: usize, cfg: &Cfg, stats: &Arc<TunnelStats>, now: Instant) -> Side {
+        let settings = cfg.settings[x];
+        let stats = Arc::clone(stats);
+        let session = if x == SERVER {
+            Session::server(settings, Arc::clone(&stats), now)
+        } else {
+            Session::agent(settings, Arc::clone(&stats), now)
+        };
+        Side {
+            session,
+            stats,
+            settings,
+            streams: Vec::new(),
+            by_id: [0; 256],
+            wire: Vec::new(),
             rx: Vec::new(),
-            decoder: TunnelDecoder::new(MAX_PAYLOAD),
-            scratch: vec![0; 64 * 1024],
-            eof: false,
-            broken: false,
-            written: 0,
-            check,
+            decoder: TunnelDecoder::new(cfg.max_frame[x]),
+            paused: false,
+            watch_link: false,
+            started: x == SERVER,
+            up_seen: false,
+            mode: 0,
+            released: Vec::new(),
+            next_handle: (x as u32 + 1) * 1_000_000,
         }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        if self.broken || bytes.is_empty() || self.written + bytes.len() > MAX_LINK_BYTES {
-            return;
-        }
-        self.written += bytes.len();
-        if self.sock.write_all(bytes).is_err() {
-            self.broken = true;
+    /// Where stream `h` is in `streams` (ordered by handle: handles grow
+    /// and streams are pushed as they open).
+    fn pos(&self, h: u32) -> Option<usize> {
+        self.streams.binary_search_by_key(&h, |s| s.handle).ok()
+    }
+
+    /// The stream `h` an event names: it must be held.
+    fn held(&mut self, h: u32, what: &str) -> &mut Strm {
+        match self.pos(h) {
+            Some(i) => &mut self.streams[i],
+            None => panic!("{what} names stream {h}, which the adapter does not hold"),
         }
     }
 
-    /// Read frames until `want` accepts one (true), EOF or `timeout` (false).
-    fn read_until(
-        &mut self,
-        timeout: Duration,
-        mut want: impl FnMut(&TunnelFrame<'_>) -> bool,
-    ) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            loop {
-                match self.decoder.decode(&self.rx) {
-                    Ok(Decoded::Frame(f, used)) => {
-                        let hit = TunnelFrame::parse(f.raw).is_some_and(|t| {
-                            if trace() {
-                                eprintln!(
-                                    "  {:>10.3?} <- {:?} id {} {:02x?}",
-                                    stamp(),
-                                    t.command,
-                                    t.id,
-                                    t.payload.get(..32).unwrap_or(t.payload)
-                                );
-                            }
-                            self.check.received(&t);
-                            want(&t)
-                        });
-                        self.rx.drain(..used);
-                        if hit {
-                            return true;
-                        }
-                    }
-                    Ok(_) => break,
-                    Err(e) => panic!("the engine sent a frame the decoder refuses: {e}"),
+    fn pick(&self, k: usize) -> Option<usize> {
+        (!self.streams.is_empty()).then(|| k % self.streams.len())
+    }
+
+    fn id_open(&self, id: u8) -> bool {
+        self.by_id[usize::from(id)] != 0
+    }
+
+    /// Where the stream holding `id` is in `streams`.
+    fn pos_of_id(&self, id: u8) -> Option<usize> {
+        match self.by_id[usize::from(id)] {
+            0 => None,
+            h => self.pos(h),
+        }
+    }
+
+    fn add(&mut self, st: Strm) {
+        self.by_id[usize::from(st.id)] = st.handle;
+        self.streams.push(st);
+    }
+
+    fn take(&mut self, i: usize) -> Strm {
+        let st = self.streams.remove(i);
+        self.by_id[usize::from(st.id)] = 0;
+        st
+    }
+}
+
+fn gauge(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+struct World {
+    cfg: Cfg,
+    now: Instant,
+    stats: [Arc<TunnelStats>; 2],
+    sides: [Side; 2],
+    /// The link is gone (both sessions closed); only DOWN (a new link) acts.
+    down: bool,
+    /// A close is in progress (its flush is being handled).
+    closing: bool,
+    /// Hostile bytes went over this link: cross-session checks are off.
+    tainted: bool,
+    /// A socket reported a partial drain (the engine never does), or a held
+    /// stream lost a delivery to a closed socket: the socket-queue bound and
+    /// the credit liveness check are off.
+    relaxed: bool,
+    links: u32,
+    hash: Hash,
+    verbose: bool,
+}
+
+impl World {
+    fn new(cfg: Cfg, verbose: bool) -> World {
+        let now = base();
+        let stats = [
+            Arc::new(TunnelStats::default()),
+            Arc::new(TunnelStats::default()),
+        ];
+        let sides = [
+            Side::new(SERVER, &cfg, &stats[SERVER], now),
+            Side::new(AGENT, &cfg, &stats[AGENT], now),
+        ];
+        if verbose {
+            eprintln!(
+                "link 1: server {:?} max_frame {}\n        agent {:?} max_frame {}\n        \
+                 service token {}, agent token {}, extensions {}, name {:?}",
+                cfg.settings[SERVER],
+                cfg.max_frame[SERVER],
+                cfg.settings[AGENT],
+                cfg.max_frame[AGENT],
+                cfg.server_token.is_some(),
+                match cfg.agent_token {
+                    None => "none",
+                    Some(t) if t == TOKEN => "right",
+                    Some(_) => "wrong",
+                },
+                cfg.extensions,
+                String::from_utf8_lossy(&cfg.name),
+            );
+        }
+        World {
+            cfg,
+            now,
+            stats,
+            sides,
+            down: false,
+            closing: false,
+            tainted: false,
+            relaxed: false,
+            links: 1,
+            hash: Hash(0xcbf2_9ce4_8422_2325),
+            verbose,
+        }
+    }
+
+    fn ms(&self) -> u128 {
+        self.now.duration_since(base()).as_millis()
+    }
+
+    // ----- operations -----
+
+    fn step(&mut self, op: u8, inp: &mut Input<'_>) {
+        for s in &mut self.sides {
+            s.released.clear();
+        }
+        let x = usize::from((op >> 4) & 1);
+        let k = usize::from(op >> 5);
+        let code = op & 15;
+        self.hash.num(u64::from(op));
+        if self.verbose {
+            eprintln!("[{} ms] op {code} side {} k {k}", self.ms(), SIDE[x]);
+        }
+        match code {
+            0 => {
+                let n = inp.byte();
+                let n = if n == 0 { usize::MAX } else { usize::from(n) };
+                if !self.down {
+                    self.pump(x, n);
                 }
             }
-            if self.eof || !readable(&self.sock, deadline) {
-                return false;
+            1 => {
+                if !self.down {
+                    self.start();
+                }
             }
-            match self.sock.read(&mut self.scratch) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.rx.extend_from_slice(&self.scratch[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => self.eof = true,
+            2 => {
+                let p = inp.byte();
+                for i in 0..[1u16, 1, 2, 4, 16, 64, 128, 256][k] {
+                    // The rest would be refused the same way.
+                    if self.down || !self.open(p.wrapping_add(i as u8)) {
+                        break;
+                    }
+                }
+            }
+            3 => {
+                let (len, q) = (inp.byte(), inp.byte());
+                if !self.down {
+                    self.data(x, k, len, q);
+                }
+            }
+            4 => {
+                let a = inp.byte();
+                if !self.down {
+                    self.drain(x, k, a);
+                }
+            }
+            5 => {
+                if !self.down {
+                    self.eof(x, k);
+                }
+            }
+            6 => {
+                if !self.down {
+                    self.closed(x, k);
+                }
+            }
+            7 => {
+                let t = u64::from(inp.byte());
+                let ms = if t < 200 { t } else { (t - 199) * 250 };
+                self.now += Duration::from_millis(ms);
+                if !self.down {
+                    for side in [SERVER, AGENT] {
+                        let due = self.sides[side]
+                            .session
+                            .poll_timeout()
+                            .is_some_and(|at| at <= self.now);
+                        if due {
+                            self.timeout(side);
+                        }
+                    }
+                }
+            }
+            8 => {
+                if !self.down {
+                    self.sides[x].session.link_drained();
+                    self.drive(x);
+                }
+            }
+            9 => {
+                let m = inp.byte();
+                self.sides[x].mode = m;
+            }
+            10 => {
+                let frame = hostile_frame(inp);
+                if !self.down {
+                    self.inject(x, &frame);
+                }
+            }
+            11 => {
+                let n = usize::from(inp.byte());
+                let bytes = inp.bytes(n);
+                if !self.down {
+                    self.inject(x, &bytes);
+                }
+            }
+            12 => {
+                let (kind, id) = (inp.byte(), inp.byte());
+                if !self.down {
+                    self.stale(x, kind, id);
+                }
+            }
+            13 => {
+                if self.down {
+                    self.reconnect();
+                } else {
+                    let graceful = (k & 1 == 1).then_some(x);
+                    self.link_down(graceful, "DOWN");
+                }
+            }
+            14 => {
+                if !self.down {
+                    self.timeout(x);
+                }
+            }
+            _ => {
+                if !self.down {
+                    self.settle();
+                }
+            }
+        }
+        self.writable();
+    }
+
+    /// Move up to `n` bytes of side `from`'s wire to the other side, which
+    /// handles what it can.
+    fn pump(&mut self, from: usize, n: usize) {
+        let to = 1 - from;
+        let wire = &mut self.sides[from].wire;
+        let n = n.min(wire.len());
+        let moved: Vec<u8> = wire.drain(..n).collect();
+        self.sides[to].rx.extend_from_slice(&moved);
+        self.writable();
+        self.process_rx(to);
+    }
+
+    /// Pump both ways until the wires are empty or nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..32 {
+            if self.down
+                || (self.sides[SERVER].wire.is_empty() && self.sides[AGENT].wire.is_empty())
+            {
+                break;
+            }
+            self.pump(SERVER, usize::MAX);
+            if self.down {
+                break;
+            }
+            self.pump(AGENT, usize::MAX);
+        }
+    }
+
+    /// The engine's `on_writable` for a link: its queue is empty and a
+    /// stream asked to hear of it.
+    fn writable(&mut self) {
+        for x in [SERVER, AGENT] {
+            if self.down {
+                return;
+            }
+            let side = &mut self.sides[x];
+            if side.watch_link && side.wire.is_empty() {
+                side.watch_link = false;
+                side.session.link_drained();
+                self.drive(x);
             }
         }
     }
 
-    /// End of the session: half-close, then read until the engine closes.
-    fn finish(&mut self) -> bool {
-        if trace() {
-            eprintln!("  {:>10.3?} finish", stamp());
-        }
-        let _ = self.sock.shutdown(Shutdown::Write);
-        self.read_until(END_WAIT, |_| false);
-        if trace() {
-            eprintln!("  {:>10.3?} finish: eof {}", stamp(), self.eof);
-        }
-        self.eof
+    /// Hostile bytes for side `to`, as if its peer sent them.
+    fn inject(&mut self, to: usize, bytes: &[u8]) {
+        self.tainted = true;
+        self.sides[1 - to].wire.extend_from_slice(bytes);
     }
-}
 
-/// Wait until `sock` has something to read (data, EOF or an error) or
-/// `deadline` passes. poll(2) sleeps on a high-resolution timer; socket
-/// read timeouts (`SO_RCVTIMEO`) are rounded up to whole jiffies (4-10 ms),
-/// which would dominate every short wait.
-fn readable(sock: &TcpStream, deadline: Instant) -> bool {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ts = libc::timespec {
-            tv_sec: left.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
+    fn start(&mut self) {
+        if self.sides[AGENT].started {
+            return;
+        }
+        let hello = AgentHello {
+            extensions: self.cfg.extensions,
+            token: self.cfg.agent_token.map(<[u8]>::to_vec),
+            name: self.cfg.name.clone(),
+            nonce: nonce(self.cfg.seed, self.links, 0xA5),
         };
-        let mut fd = libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        self.sides[AGENT].started = true;
+        self.sides[AGENT].session.start(hello, self.now);
+        self.drive(AGENT);
+        self.link_events(AGENT);
+        self.process_rx(AGENT);
+    }
+
+    /// Server: a public client; whether it became a stream.
+    fn open(&mut self, p: u8) -> bool {
+        let peer = if p & 1 == 0 {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, p)), 1000 + u16::from(p))
+        } else {
+            SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(p))),
+                2000 + u16::from(p),
+            )
         };
-        // SAFETY: one valid pollfd, a valid timespec, no signal mask.
-        let n = unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) };
-        match n {
-            1.. => return true,
-            0 => return false,
-            _ if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted => {}
-            _ => return true, // let the read report it
+        let now = self.now;
+        let side = &mut self.sides[SERVER];
+        let h = side.next_handle;
+        side.next_handle += 1;
+        let up = side.session.is_up();
+        match side.session.open_stream(h, peer, now) {
+            Ok(id) => {
+                assert!(up, "open_stream gave id {id} before the link is up");
+                assert!(!side.id_open(id), "open_stream gave id {id}, which is open");
+                let mut st = Strm::new(h, id, side.settings.max_data);
+                st.client = Some(peer);
+                side.add(st);
+                self.hash.num(u64::from(id));
+                self.drive(SERVER);
+                true
+            }
+            Err(no) => {
+                if up {
+                    let open = side.session.open_streams();
+                    assert_eq!(no.open, open, "NoId counts the open streams wrong");
+                    assert_eq!(no.at_max, open >= side.settings.max_streams);
+                    if !no.at_max {
+                        assert_eq!(
+                            no.open + no.quarantined + no.closing,
+                            tunnel_ids(),
+                            "open_stream found no id though some are free: {no:?}"
+                        );
+                    }
+                }
+                self.drive(SERVER);
+                false
+            }
         }
     }
-}
 
-/// Harness actions both sessions share; returns true if `command` was one.
-struct Common {
-    link: Link,
-    last: Vec<u8>,
-    paused: Duration,
-    /// What is left of `WAIT_BUDGET`.
-    budget: Duration,
-}
+    /// A stream socket gave the adapter bytes: one DATA frame.
+    fn data(&mut self, x: usize, k: usize, len: u8, q: u8) {
+        let side = &mut self.sides[x];
+        let Some(i) = side.pick(k) else { return };
+        let st = &side.streams[i];
+        if !st.reading || st.eof || st.closing {
+            return;
+        }
+        let n = (st.chunk * (usize::from(len) + 1) / 256).max(1);
+        let (h, id, from) = (st.handle, st.id, st.sent);
+        let Some(head) = tunnel::header(Command::Data, id, n) else {
+            panic!("a chunk of {n} bytes does not fit a frame");
+        };
+        if side.wire.len() + HEADER_LEN + n > side.settings.link_queue() {
+            // The engine refuses the send: the adapter aborts the link.
+            self.link_down(None, "link queue full");
+            return;
+        }
+        side.wire.extend_from_slice(&head);
+        side.wire
+            .extend((0..n as u64).map(|j| pattern(h, from + j)));
+        side.streams[i].sent += n as u64;
+        let link_queued = if q == 0 {
+            side.wire.len()
+        } else {
+            usize::from(q) * 1024
+        };
+        let Some(after) = side.session.data_sent(id, n, link_queued) else {
+            panic!("data_sent: stream {h} (id {id}) is not open in the session");
+        };
+        let st = &mut side.streams[i];
+        if let Some(c) = after.chunk {
+            assert!(
+                (1..=side.settings.max_data).contains(&c),
+                "AfterSend chunk {c} out of range"
+            );
+            st.chunk = c;
+        }
+        st.reading = after.reading;
+        if after.watch_link {
+            side.watch_link = true;
+        }
+        self.hash.num(n as u64);
+        self.hash.num(u64::from(after.reading));
+        if self.verbose {
+            eprintln!(
+                "  {} stream {h}: DATA id {id} {n} bytes, {after:?}",
+                SIDE[x]
+            );
+        }
+        self.drive(x);
+    }
 
-impl Common {
-    fn new(sock: TcpStream, check: Checker) -> Common {
-        Common {
-            link: Link::new(sock, check),
-            last: Vec::new(),
-            paused: Duration::ZERO,
-            budget: WAIT_BUDGET,
+    fn drain(&mut self, x: usize, k: usize, a: u8) {
+        let side = &mut self.sides[x];
+        let Some(i) = side.pick(k) else { return };
+        let Side {
+            session,
+            streams,
+            mode,
+            ..
+        } = side;
+        let st = &mut streams[i];
+        if a == 0 {
+            st.queued = 0;
+        } else {
+            st.queued -= st.queued.min(usize::from(a) * 64);
+            if st.queued > 0 {
+                self.relaxed = true;
+            }
+        }
+        let no_flush = *mode & NO_FLUSH != 0;
+        let (id, queued) = (st.id, st.queued);
+        session.stream_drained(id, queued, || {
+            if !no_flush {
+                st.queued = 0;
+            }
+            st.queued
+        });
+        self.drive(x);
+    }
+
+    fn eof(&mut self, x: usize, k: usize) {
+        let side = &mut self.sides[x];
+        let Some(i) = side.pick(k) else { return };
+        let st = &mut side.streams[i];
+        if st.eof || st.closing {
+            return;
+        }
+        st.eof = true;
+        let id = st.id;
+        side.session.stream_eof(id);
+        self.drive(x);
+    }
+
+    fn closed(&mut self, x: usize, k: usize) {
+        let side = &mut self.sides[x];
+        let Some(i) = side.pick(k) else { return };
+        let st = side.take(i);
+        side.released.push(st.handle);
+        side.session.stream_closed(st.id, self.now);
+        self.drive(x);
+    }
+
+    fn timeout(&mut self, x: usize) {
+        let now = self.now;
+        self.sides[x].session.handle_timeout(now);
+        if let Some(at) = self.sides[x].session.poll_timeout() {
+            assert!(
+                at > now,
+                "{}: poll_timeout is not after handle_timeout",
+                SIDE[x]
+            );
+        }
+        self.drive(x);
+        self.link_events(x);
+    }
+
+    /// A call for an id the session does not hold: it must change nothing.
+    fn stale(&mut self, x: usize, kind: u8, id: u8) {
+        let now = self.now;
+        let side = &mut self.sides[x];
+        if side.id_open(id) {
+            return;
+        }
+        let s = &mut side.session;
+        match kind % 5 {
+            0 => s.delivered(id, usize::from(kind), 7, || panic!("flush for a stale id")),
+            1 => s.stream_drained(id, usize::from(kind), || panic!("flush for a stale id")),
+            2 => s.stream_eof(id),
+            3 => s.stream_closed(id, now),
+            _ => assert!(
+                s.data_sent(id, 1, usize::from(kind) * 1024).is_none(),
+                "data_sent found stale id {id}"
+            ),
+        }
+        assert!(
+            s.transmit().is_empty(),
+            "a call for stale id {id} sent a frame"
+        );
+        assert!(
+            s.poll_event().is_none(),
+            "a call for stale id {id} made an event"
+        );
+    }
+
+    fn reconnect(&mut self) {
+        if self.links >= MAX_LINKS {
+            return;
+        }
+        self.links += 1;
+        let now = self.now;
+        for x in [SERVER, AGENT] {
+            let mode = self.sides[x].mode;
+            self.sides[x] = Side::new(x, &self.cfg, &self.stats[x], now);
+            self.sides[x].mode = mode;
+        }
+        self.down = false;
+        self.tainted = false;
+        self.relaxed = false;
+        if self.verbose {
+            eprintln!("link {}", self.links);
         }
     }
 
-    /// Wait (within the budget) for something the engine owes; `f` gets the
-    /// time it may take and says whether it came.
-    fn owed(&mut self, f: impl FnOnce(&mut Link, Duration) -> bool) -> bool {
-        let started = Instant::now();
-        let came = f(&mut self.link, WAIT.min(self.budget));
-        if !came {
-            self.budget = self.budget.saturating_sub(started.elapsed());
-            if trace() {
-                eprintln!(
-                    "  {:>10.3?} (not owed after all; budget left {:?})",
-                    stamp(),
-                    self.budget
+    // ----- the adapter -----
+
+    /// What `Links::drive` does: the session's bytes to the wire (checked),
+    /// its stream events applied.
+    fn drive(&mut self, x: usize) {
+        if self.down {
+            return;
+        }
+        let World {
+            sides,
+            hash,
+            verbose,
+            tainted,
+            ..
+        } = self;
+        let side = &mut sides[x];
+        let mut full = false;
+        let out = side.session.transmit();
+        if !out.is_empty() {
+            check_transmit(x, &side.session, out, *verbose);
+            hash.bytes(out);
+            full = side.wire.len() + out.len() > side.settings.link_queue();
+            side.wire.extend_from_slice(out);
+            side.session.transmitted();
+        }
+        let close_ack = side.session.has(ext::CLOSE_ACK);
+        while let Some(ev) = side.session.poll_event() {
+            if *verbose {
+                eprintln!("  {} event {ev:?}", SIDE[x]);
+            }
+            match ev {
+                Event::End(h, how) => {
+                    hash.num(1);
+                    hash.num(u64::from(h));
+                    hash.num(how as u64);
+                    let Some(i) = side.pos(h) else {
+                        panic!("End({h}, {how:?}) for a stream the adapter does not hold");
+                    };
+                    side.take(i);
+                    side.released.push(h);
+                }
+                Event::Close(h) => {
+                    hash.num(2);
+                    hash.num(u64::from(h));
+                    side.held(h, "Close").closing = true;
+                }
+                Event::ShutdownWrite(h) => {
+                    hash.num(3);
+                    hash.num(u64::from(h));
+                    side.held(h, "ShutdownWrite").shut_write = true;
+                }
+                Event::Reading(h, on) => {
+                    hash.num(4);
+                    hash.num(u64::from(h) << 1 | u64::from(on));
+                    side.held(h, "Reading").reading = on;
+                }
+                Event::Chunk(h, n) => {
+                    hash.num(5);
+                    hash.num(u64::from(h));
+                    hash.num(n as u64);
+                    assert!(
+                        (1..=side.settings.max_data).contains(&n),
+                        "Chunk({h}, {n}) out of 1..=max_data"
+                    );
+                    side.held(h, "Chunk").chunk = n;
+                }
+                Event::Stall(h, on) => {
+                    hash.num(6);
+                    hash.num(u64::from(h) << 1 | u64::from(on));
+                    if on || !side.released.contains(&h) {
+                        side.held(h, "Stall").stalled = on;
+                    }
+                }
+                Event::PauseLink => {
+                    hash.num(7);
+                    side.paused = true;
+                }
+                Event::ResumeLink => {
+                    hash.num(8);
+                    assert!(side.paused, "ResumeLink for a link that is not paused");
+                    side.paused = false;
+                }
+                Event::Problem(p) => {
+                    hash.num(9);
+                    match p {
+                        Problem::CreditExceeded { id, len } => {
+                            assert!(
+                                *tainted,
+                                "{}: stream {id} got {len} bytes beyond its credit from a real peer",
+                                SIDE[x]
+                            );
+                        }
+                        Problem::IdReused { id } | Problem::IdNotReleased { id } => {
+                            assert!(
+                                *tainted || !close_ack,
+                                "{}: {p:?} on a CLOSE_ACK link between real sessions (id {id})",
+                                SIDE[x]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if full {
+            self.link_down(None, "link queue full");
+        }
+    }
+
+    /// Decode and handle side `x`'s received bytes while it reads the link.
+    fn process_rx(&mut self, x: usize) {
+        let mut rx = std::mem::take(&mut self.sides[x].rx);
+        let mut pos = 0;
+        while !self.down && !self.sides[x].paused && self.sides[x].started {
+            let Some(rest) = rx.get(pos..) else { break };
+            match self.sides[x].decoder.decode(rest) {
+                Ok(Decoded::Frame(f, n)) => {
+                    pos += n;
+                    self.on_frame(x, f.raw);
+                }
+                Ok(Decoded::NeedMore) => break,
+                Ok(Decoded::Skipped(n)) => pos += n,
+                Err(e) => {
+                    if self.verbose {
+                        eprintln!("  {}: {e}", SIDE[x]);
+                    }
+                    self.link_down(None, "framing error");
+                    break;
+                }
+            }
+        }
+        if !self.down {
+            let arrived = std::mem::take(&mut self.sides[x].rx);
+            rx.drain(..pos.min(rx.len()));
+            rx.extend_from_slice(&arrived);
+            self.sides[x].rx = rx;
+        }
+    }
+
+    /// `Links::on_frame` and the roles' answers.
+    fn on_frame(&mut self, x: usize, raw: &[u8]) {
+        let Some(frame) = Frame::parse(raw) else {
+            panic!("a decoded frame does not parse: {raw:?}");
+        };
+        if self.verbose {
+            eprintln!(
+                "  -> {} {} id {} ({} bytes)",
+                SIDE[x],
+                frame.name(),
+                raw[3],
+                raw.len()
+            );
+        }
+        let now = self.now;
+        let incoming = self.sides[x].session.handle(frame, now);
+        self.drive(x);
+        if self.down {
+            return;
+        }
+        match incoming {
+            Incoming::Nothing => {}
+            Incoming::Deliver {
+                stream,
+                id,
+                payload,
+            } => self.deliver(x, stream, id, payload),
+            Incoming::Listen(l) => {
+                assert_eq!(x, SERVER, "Incoming::Listen on the agent");
+                self.on_listen(l);
+            }
+            Incoming::Authenticated { flags, peer_window } => {
+                assert_eq!(x, SERVER, "Incoming::Authenticated on the agent");
+                self.activate(flags, peer_window);
+            }
+            Incoming::AuthFailed => {
+                assert_eq!(x, SERVER, "Incoming::AuthFailed on the agent");
+                self.refuse(Some(reject::AUTH_FAILED));
+            }
+            Incoming::Connect { id, client, target } => {
+                assert_eq!(x, AGENT, "Incoming::Connect on the server");
+                self.on_connect(id, client, target);
+            }
+        }
+        self.link_events(x);
+    }
+
+    /// `Links::deliver`: DATA onto a stream socket.
+    fn deliver(&mut self, x: usize, h: u32, id: u8, payload: &[u8]) {
+        let len = payload.len();
+        self.hash.num(u64::from(h));
+        self.hash.num(len as u64);
+        let (tainted, relaxed) = (self.tainted, self.relaxed);
+        let side = &mut self.sides[x];
+        let Some(i) = side.pos(h) else {
+            panic!("Deliver to stream {h}, which the adapter does not hold");
+        };
+        let stream_queue = side.settings.stream_queue();
+        let Side {
+            session,
+            streams,
+            by_id,
+            mode,
+            released,
+            ..
+        } = side;
+        let st = &mut streams[i];
+        assert_eq!(st.id, id, "Deliver names stream {h} with id {id}");
+        assert!(len > 0, "Deliver of an empty payload");
+        if !tainted {
+            assert!(
+                !st.shut_write,
+                "{}: DATA on id {id} after the peer's SHUTDOWN",
+                SIDE[x]
+            );
+            if let Some(p) = st.peer {
+                for (j, &b) in payload.iter().enumerate() {
+                    assert_eq!(
+                        b,
+                        pattern(p, st.recv + j as u64),
+                        "{}: stream {h} (id {id}) byte {} is not stream {p}'s",
+                        SIDE[x],
+                        st.recv + j as u64
+                    );
+                }
+            }
+        }
+        st.recv += len as u64;
+        if *mode & CLOSED != 0 || st.closing {
+            // SendError::Closed: the socket is going; counted as stale.
+            if !st.closing {
+                // Bytes lost on a stream that stays: its credit is not given back.
+                self.relaxed = true;
+            }
+            return;
+        }
+        if *mode & FULL != 0 || st.queued + len > stream_queue {
+            assert!(
+                *mode & FULL != 0 || tainted || relaxed,
+                "{}: stream {h} (id {id}) queue would hold {} bytes, over stream_queue {stream_queue}",
+                SIDE[x],
+                st.queued + len
+            );
+            // SendError::Full: abort the socket, report it gone.
+            let h = st.handle;
+            streams.remove(i);
+            by_id[usize::from(id)] = 0;
+            released.push(h);
+            session.stream_closed(id, self.now);
+        } else {
+            if *mode & SLOW != 0 {
+                st.queued += len;
+            }
+            let no_flush = *mode & NO_FLUSH != 0;
+            session.delivered(id, len, st.queued, || {
+                if !no_flush {
+                    st.queued = 0;
+                }
+                st.queued
+            });
+        }
+        self.drive(x);
+    }
+
+    /// Server: the role's answer to a LISTEN (`TunnelServer::on_listen`).
+    fn on_listen(&mut self, l: Listen<'_>) {
+        let token = self.cfg.server_token;
+        let refuse_all = self.sides[SERVER].mode & REFUSE != 0;
+        let code = [
+            reject::UNKNOWN_SERVICE,
+            reject::AUTH_FAILED,
+            reject::MALFORMED,
+            77,
+        ][usize::from(self.sides[SERVER].mode >> 6)];
+        let req = match l {
+            Listen::Base => {
+                if token.is_none() && !refuse_all {
+                    self.activate(0, 0);
+                } else {
+                    self.refuse(None);
+                }
+                return;
+            }
+            Listen::Malformed => return self.refuse(Some(reject::MALFORMED)),
+            Listen::Request(req) => req,
+        };
+        let known = req.name == SERVICE || (req.name.is_empty() && token.is_none());
+        if !known {
+            return self.refuse(Some(reject::UNKNOWN_SERVICE));
+        }
+        if token.is_some() && req.flags & ext::AUTH == 0 {
+            return self.refuse(Some(reject::AUTH_REQUIRED));
+        }
+        if refuse_all {
+            return self.refuse(Some(code));
+        }
+        let n = nonce(self.cfg.seed, self.links, 0x5A);
+        let offer = self.sides[SERVER].session.offer(&req, SERVICE, token, n);
+        self.drive(SERVER);
+        if let Some((flags, window)) = offer {
+            assert_eq!(
+                token, None,
+                "offer brought the link up though AUTH is pending"
+            );
+            self.activate(flags, window);
+        }
+    }
+
+    /// Server: `TunnelServer::activate`.
+    fn activate(&mut self, flags: u16, peer_window: u32) {
+        if self.down {
+            return;
+        }
+        if self.sides[SERVER].mode & LISTEN_FAILED != 0 {
+            return self.refuse((flags != 0).then_some(reject::LISTEN_FAILED));
+        }
+        let now = self.now;
+        self.sides[SERVER].session.link_up(flags, peer_window, now);
+        self.drive(SERVER);
+    }
+
+    /// Server: REJECT (extended agents) and close the link once it is written.
+    fn refuse(&mut self, code: Option<u8>) {
+        if self.down {
+            return;
+        }
+        self.sides[SERVER]
+            .session
+            .reject(code, "refused by the fuzz harness");
+        self.drive(SERVER);
+        self.link_down(Some(SERVER), "refused");
+    }
+
+    /// Agent: `TunnelAgent::on_connect` (the target is always allowed
+    /// unless the mode refuses).
+    fn on_connect(&mut self, id: u8, client: Option<SocketAddr>, target: &[u8]) {
+        let now = self.now;
+        let tainted = self.tainted;
+        let [server, agent] = &mut self.sides;
+        let full = agent.session.open_streams() >= agent.settings.max_streams;
+        if agent.mode & REFUSE != 0 || full {
+            agent.session.refuse_stream(id, now);
+            self.drive(AGENT);
+            return;
+        }
+        assert!(
+            !agent.id_open(id),
+            "Incoming::Connect for id {id}, which is open"
+        );
+        let h = agent.next_handle;
+        agent.next_handle += 1;
+        let mut st = Strm::new(h, id, agent.settings.max_data);
+        if !tainted && agent.session.has(ext::CLOSE_ACK) {
+            // The server's stream with this id sent this CONNECT: with
+            // CLOSE_ACK it cannot have reused the id meanwhile.
+            if let Some(i) = server.pos_of_id(id) {
+                let s = &mut server.streams[i];
+                assert!(target.is_empty(), "CONNECT from the server with a target");
+                if agent.session.has(ext::PEER_ADDR) {
+                    assert_eq!(client, s.client, "CONNECT carries another client address");
+                } else {
+                    assert_eq!(client, None);
+                }
+                s.peer = Some(h);
+                st.peer = Some(s.handle);
+            }
+        }
+        agent.add(st);
+        agent.session.accept_stream(id, h);
+        self.drive(AGENT);
+    }
+
+    /// What the roles do with link events.
+    fn link_events(&mut self, x: usize) {
+        while !self.down {
+            let Some(ev) = self.sides[x].session.poll_link_event() else {
+                return;
+            };
+            if self.verbose {
+                eprintln!("  {} link event {ev:?}", SIDE[x]);
+            }
+            let side = &mut self.sides[x];
+            match ev {
+                LinkEvent::Up { flags } => {
+                    self.hash.num(10);
+                    self.hash.num(u64::from(flags));
+                    assert!(side.session.is_up(), "Up while the session is not up");
+                    assert_eq!(flags, side.session.flags(), "Up names other flags");
+                    assert!(!side.up_seen, "a second Up");
+                    side.up_seen = true;
+                    if x == AGENT && self.cfg.extensions && self.cfg.agent_token.is_some() {
+                        // Even against a hostile server: it must have proven the token.
+                        assert_ne!(
+                            flags & ext::AUTH,
+                            0,
+                            "an agent with a token came up without the server proving it"
+                        );
+                    }
+                }
+                LinkEvent::HandshakeTimeout => {
+                    self.hash.num(11);
+                    assert!(!side.session.is_up(), "HandshakeTimeout on an up link");
+                    self.link_down(Some(x), "handshake timeout");
+                }
+                LinkEvent::Failed(why) => {
+                    self.hash.num(12);
+                    let abort = matches!(why, Failure::CreditOverflow { .. });
+                    // Between real sessions a handshake fails only as the
+                    // server decided (REJECT) or for a token it has not got.
+                    let legit = matches!(why, Failure::Rejected { .. } | Failure::TokenNotAsked);
+                    assert!(
+                        legit || self.tainted,
+                        "{}: {why} between real sessions",
+                        SIDE[x]
+                    );
+                    self.link_down((!abort).then_some(x), "failed");
+                }
+            }
+        }
+    }
+
+    /// The link is gone: side `graceful` (if any) had its wire delivered
+    /// first; both adapters reset their streams (`Links::remove`).
+    fn link_down(&mut self, graceful: Option<usize>, why: &str) {
+        if self.down || self.closing {
+            return;
+        }
+        if self.verbose {
+            eprintln!(
+                "  link down ({why}; graceful from {:?})",
+                graceful.map(|x| SIDE[x])
+            );
+        }
+        self.closing = true;
+        if let Some(x) = graceful {
+            self.pump(x, usize::MAX);
+        }
+        self.closing = false;
+        self.down = true;
+        self.hash.num(13);
+        for x in [SERVER, AGENT] {
+            let side = &mut self.sides[x];
+            let mut got = Vec::new();
+            side.session.close_all(|h| got.push(h));
+            got.sort_unstable();
+            let mut want: Vec<u32> = side.streams.iter().map(|s| s.handle).collect();
+            want.sort_unstable();
+            assert_eq!(
+                got, want,
+                "{}: close_all and the adapter disagree on the streams",
+                SIDE[x]
+            );
+            side.streams.clear();
+            side.by_id = [0; 256];
+            let st = &side.stats;
+            for _ in 0..2 {
+                assert_eq!(
+                    gauge(&st.streams),
+                    0,
+                    "{}: streams gauge after close_all",
+                    SIDE[x]
+                );
+                assert_eq!(
+                    gauge(&st.links),
+                    0,
+                    "{}: links gauge after close_all",
+                    SIDE[x]
+                );
+                assert_eq!(
+                    gauge(&st.window_grown_bytes),
+                    0,
+                    "{}: window_grown_bytes after close_all",
+                    SIDE[x]
+                );
+                side.session
+                    .close_all(|h| panic!("{}: a second close_all yields {h}", SIDE[x]));
+            }
+        }
+    }
+
+    /// After every step.
+    fn check(&self) {
+        if self.down {
+            return;
+        }
+        for (x, side) in self.sides.iter().enumerate() {
+            let s = &side.session;
+            let open = s.open_streams();
+            assert!(s.transmit().is_empty());
+            assert_eq!(
+                side.streams.len(),
+                open,
+                "{}: open_streams() and the adapter's streams differ",
+                SIDE[x]
+            );
+            assert_eq!(
+                gauge(&side.stats.streams),
+                open as u64,
+                "{}: streams gauge",
+                SIDE[x]
+            );
+            assert_eq!(
+                gauge(&side.stats.links),
+                u64::from(s.is_up()),
+                "{}: links gauge",
+                SIDE[x]
+            );
+            assert!(
+                open <= side.settings.max_streams,
+                "{}: over max_streams",
+                SIDE[x]
+            );
+            assert!(
+                gauge(&side.stats.window_grown_bytes) <= u64::from(side.settings.link_window),
+                "{}: window growth over link_window",
+                SIDE[x]
+            );
+            if !s.is_up() {
+                assert_eq!(open, 0);
+            }
+            assert_eq!(
+                side.paused,
+                side.streams.iter().any(|s| s.stalled),
+                "{}: the link is paused iff a stream socket is over its window (stalled)",
+                SIDE[x]
+            );
+        }
+        let [a, b] = &self.sides;
+        if !self.tainted && a.session.is_up() && b.session.is_up() {
+            assert_eq!(
+                a.session.flags(),
+                b.session.flags(),
+                "the sessions disagree on the extensions"
+            );
+            self.check_credit_liveness();
+        }
+    }
+
+    /// CREDIT liveness: once everything sent has arrived and the receiving
+    /// socket has written it all, the sender has credit again (a WINDOW
+    /// went out), unless that stream is ending.
+    fn check_credit_liveness(&self) {
+        let quiet = self
+            .sides
+            .iter()
+            .all(|s| s.wire.is_empty() && s.rx.is_empty() && !s.paused);
+        if self.relaxed || !quiet || !self.sides[SERVER].session.has(ext::CREDIT) {
+            return;
+        }
+        for x in [SERVER, AGENT] {
+            let other = &self.sides[1 - x];
+            for st in &self.sides[x].streams {
+                if st.eof || st.closing {
+                    continue;
+                }
+                let Some(p) = st
+                    .peer
+                    .and_then(|p| other.pos(p))
+                    .map(|i| &other.streams[i])
+                else {
+                    continue;
+                };
+                if p.closing || p.queued > 0 {
+                    continue;
+                }
+                assert!(
+                    st.reading,
+                    "{}: stream {} (id {}) has no credit though stream {} drained everything",
+                    SIDE[x], st.handle, st.id, p.handle
                 );
             }
         }
-        came
     }
+}
 
-    fn action(&mut self, command: u8, id: u8, payload: &[u8]) -> bool {
-        if trace() && command >= OPEN && command <= READ {
-            eprintln!("  {:>10.3?} action {command:#04x} id {id}", stamp());
-        }
-        match command {
-            SYNC => {
-                let ms = 1 + u64::from(id % 20);
-                self.link.read_until(Duration::from_millis(ms), |_| false);
-            }
-            PAUSE => {
-                let want = Duration::from_millis(u64::from(id % 21));
-                let d = want.min(MAX_PAUSE.saturating_sub(self.paused));
-                self.paused += d;
-                thread::sleep(d);
-            }
-            RAW => {
-                // Raw bytes may hold frames, or shift the framing: what the
-                // engine reads is no longer known frame by frame.
-                self.link.check.exact = false;
-                self.link.write(payload);
-            }
-            REPEAT => {
-                let last = std::mem::take(&mut self.last);
-                if let Some(f) = TunnelFrame::parse(&last) {
-                    for _ in 0..id {
-                        self.link.check.sent(f.command, f.id, f.payload);
-                        self.link.write(&last);
-                    }
-                }
-                self.last = last;
-            }
-            _ => return false,
-        }
-        true
-    }
+fn tunnel_ids() -> usize {
+    switchboard::proto::tunnel::IDS
+}
 
-    fn send(&mut self, command: u8, id: u8, payload: &[u8]) {
-        let bytes = frame(command, id, payload);
-        if trace() {
-            let shown = payload.get(..32).unwrap_or(payload);
+/// Check the bytes side `x`'s session asks to send.
+fn check_transmit(x: usize, s: &Session<u32>, out: &[u8], verbose: bool) {
+    let mut dec = TunnelDecoder::new(MAX_PAYLOAD);
+    let mut rest = out;
+    let up = s.is_up();
+    while !rest.is_empty() {
+        let (raw, n) = match dec.decode(rest) {
+            Ok(Decoded::Frame(f, n)) => (f.raw, n),
+            Ok(other) => panic!("{}: transmit ends in a partial frame ({other:?})", SIDE[x]),
+            Err(e) => panic!("{}: transmit holds a frame over 65 535 bytes: {e}", SIDE[x]),
+        };
+        rest = &rest[n..];
+        let Some(f) = Frame::parse(raw) else {
+            panic!("{}: transmit holds a frame that does not parse", SIDE[x]);
+        };
+        if verbose {
             eprintln!(
-                "  {:>10.3?} -> {:?} id {id} {shown:02x?}",
-                stamp(),
-                Command::from_u8(command)
+                "  {} sends {} id {} ({} bytes)",
+                SIDE[x],
+                f.name(),
+                raw[3],
+                raw.len()
             );
         }
-        self.link.check.sent(Command::from_u8(command), id, payload);
-        self.link.write(&bytes);
-        self.last = bytes;
-    }
-}
-
-// ===== protocol rules (docs/PROTOCOL.md) checked on what the engine sends =====
-
-/// Largest DATA payload either role sends (`max_data` in the harness config).
-const MAX_DATA: usize = 1024;
-
-/// Which role the harness talks to.
-enum Peer {
-    /// The tunnel server (the harness is its agent).
-    Server,
-    /// A tunnel agent (the harness is its server); its counters tell the
-    /// extension bits in force once its link is up.
-    Agent(Arc<TunnelStats>),
-}
-
-/// What the harness knows of one client id.
-#[derive(Default, Clone, Copy)]
-struct Id {
-    /// CONNECTs for the id: received (server session) or sent (agent session).
-    connects: u32,
-    /// Agent session: CLOSEs the agent sent for the id.
-    closes: u32,
-    /// Server session: the server's stream is open (CONNECT seen; neither
-    /// side's CLOSE since).
-    open: bool,
-    /// Server session: the server sent CLOSE since its last CONNECT.
-    closed_by_peer: bool,
-    /// With CLOSE_ACK: the server's CLOSE is not acknowledged yet.
-    unacked: bool,
-    /// The peer sent SHUTDOWN (no more DATA until its CLOSE / a new CONNECT).
-    shut_by_peer: bool,
-    /// DATA payload bytes the peer sent for the id (all streams it had).
-    data: u64,
-    /// WINDOW increments the harness sent for the id.
-    window_sent: u64,
-}
-
-/// Checks every frame the engine sends on the link against the rules of
-/// docs/PROTOCOL.md, as far as the harness can know them: a breach panics
-/// with the rule. Rules that depend on what the engine has read from the
-/// harness are only checked while the harness knows that exactly (no RAW
-/// bytes sent), and are upper bounds that in-flight frames cannot break.
-struct Checker {
-    peer: Peer,
-    /// Every frame the harness sent is known (no RAW bytes).
-    exact: bool,
-    /// Server session: the flags asked for in the first LISTEN (a request).
-    asked: Option<u16>,
-    /// Server session: the service asked for needs a token.
-    wants_auth: bool,
-    /// The window the peer was given for its DATA on each new stream
-    /// (server session: the LISTEN request's; agent session: the HELLO's).
-    peer_window: Option<u32>,
-    /// The HELLO seen (server session: received; agent session: the first sent).
-    hello: Option<Hello>,
-    /// Per client id.
-    ids: Vec<Id>,
-}
-
-impl Checker {
-    fn new(peer: Peer) -> Checker {
-        Checker {
-            peer,
-            exact: true,
-            asked: None,
-            wants_auth: false,
-            peer_window: None,
-            hello: None,
-            ids: vec![Id::default(); 256],
-        }
-    }
-
-    /// The extension bits in force, if the link is known to be up with them.
-    fn flags(&self) -> Option<u16> {
-        match &self.peer {
-            // The server's flags are what its HELLO granted; without a HELLO
-            // (an empty LISTEN) the link is base.
-            Peer::Server => Some(self.hello.map_or(0, |h| h.flags)),
-            Peer::Agent(stats) => match stats.agent() {
-                Some((switchboard::role::AgentState::Up, _, flags)) => Some(flags),
-                _ => None,
-            },
-        }
-    }
-
-    fn violation(&self, rule: &str, f: &TunnelFrame<'_>) -> ! {
-        let who = match self.peer {
-            Peer::Server => "the tunnel server",
-            Peer::Agent(_) => "the tunnel agent",
-        };
-        panic!(
-            "protocol violation by {who}: {rule} (frame {:?} id {} payload {} bytes {:02x?})",
-            f.command,
-            f.id,
-            f.payload.len(),
-            f.payload.get(..32).unwrap_or(f.payload)
-        );
-    }
-
-    /// A frame the harness wrote to the link.
-    fn sent(&mut self, command: Command, id: u8, payload: &[u8]) {
-        let st = &mut self.ids[usize::from(id)];
-        match (&self.peer, command) {
-            (Peer::Server, Command::Listen) if self.asked.is_none() && self.hello.is_none() => {
-                if let Some(req) = ListenRequest::parse(payload) {
-                    self.asked = Some(req.flags);
-                    self.wants_auth = req.name == b"secure";
-                    self.peer_window = Some(req.window);
-                }
-            }
-            (Peer::Server, Command::Close) => {
-                st.open = false;
-                st.unacked = false;
-            }
-            (Peer::Agent(_), Command::Connect) => st.connects += 1,
-            (Peer::Agent(_), Command::Hello) if self.hello.is_none() => {
-                self.hello = Hello::parse(payload);
-                self.peer_window = self.hello.map(|h| h.window);
-            }
-            (_, Command::Window) => {
-                if let Some(inc) = tunnel::parse_window(payload) {
-                    st.window_sent += u64::from(inc);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// A frame the engine sent.
-    fn received(&mut self, f: &TunnelFrame<'_>) {
-        let link_level = matches!(
-            f.command,
-            Command::Listen
-                | Command::Hello
-                | Command::Auth
-                | Command::Ready
-                | Command::Reject
-                | Command::Ping
-                | Command::Pong
-        );
-        if link_level && f.id != 0 {
-            self.violation("link-level commands carry client id 0", f);
-        }
-        if let Command::Unknown(_) = f.command {
-            self.violation("only known commands are sent", f);
-        }
-        let flags = self.flags();
-        let granted = |bit: u16| flags.is_none_or(|fl| fl & bit != 0);
-        match f.command {
-            Command::Window if !granted(ext::CREDIT) => self.violation("WINDOW without CREDIT", f),
-            Command::Window if tunnel::parse_window(f.payload).is_none() => {
-                self.violation("WINDOW payload is a u32 >= 1", f)
-            }
-            Command::Shutdown if !granted(ext::HALF_CLOSE) => {
-                self.violation("SHUTDOWN without HALF_CLOSE", f)
-            }
-            Command::Ping if !granted(ext::HEARTBEAT) => {
-                self.violation("PING without HEARTBEAT", f)
-            }
-            Command::Ping | Command::Pong if f.payload.len() != tunnel::PING_LEN => {
-                self.violation("PING / PONG carry 8 bytes", f)
-            }
-            Command::Data if f.payload.is_empty() || f.payload.len() > MAX_DATA => {
-                self.violation("DATA carries 1..=max_data (1024) bytes", f)
-            }
-            _ => {}
-        }
-        match self.peer {
-            Peer::Server => self.from_server(f, flags.unwrap_or(0)),
-            Peer::Agent(_) => self.from_agent(f, flags),
-        }
-    }
-
-    fn from_server(&mut self, f: &TunnelFrame<'_>, flags: u16) {
-        let exact = self.exact;
-        let close_ack = flags & ext::CLOSE_ACK != 0;
-        let credit = flags & ext::CREDIT != 0;
-        let window = self.peer_window;
-        match f.command {
-            Command::Listen | Command::Auth => self.violation("the server never sends this", f),
-            Command::Hello => {
-                if self.hello.is_some() {
-                    self.violation("one HELLO per link", f);
-                }
-                let Some(h) = Hello::parse(f.payload) else {
-                    self.violation("HELLO is well-formed", f)
-                };
-                if h.flags & !ext::ALL != 0 {
-                    self.violation("HELLO grants only known extensions", f);
-                }
-                if exact && let Some(asked) = self.asked {
-                    let asked = asked | ext::AUTH; // AUTH follows the service, not the request
-                    if h.flags & !asked != 0 {
-                        self.violation("HELLO grants a subset of what was asked for", f);
-                    }
-                    if (h.flags & ext::AUTH != 0) != self.wants_auth {
-                        self.violation("AUTH is granted iff the service has a token", f);
-                    }
-                }
-                if h.flags & ext::HALF_CLOSE != 0 && h.flags & ext::CLOSE_ACK == 0 {
-                    self.violation("HALF_CLOSE only together with CLOSE_ACK", f);
-                }
-                self.hello = Some(h);
-            }
-            Command::Connect => {
-                let st = self.ids[usize::from(f.id)];
-                if exact && st.open {
-                    self.violation("CONNECT for an id whose stream is open", f);
-                }
-                if exact && close_ack && st.unacked {
-                    self.violation("CONNECT for an id whose CLOSE is not acknowledged", f);
-                }
-                let payload_ok = if flags & ext::PEER_ADDR != 0 {
-                    tunnel::parse_peer(f.payload).is_some_and(|(_, target)| target.is_empty())
+        let id = raw[3];
+        let from = |side: usize| assert_eq!(x, side, "{} sent {}", SIDE[x], f.name());
+        let link_level = || assert_eq!(id, 0, "{} sent {} with id {id}", SIDE[x], f.name());
+        match f {
+            Frame::Data { .. } => panic!("{}: DATA in transmit (the adapter writes DATA)", SIDE[x]),
+            Frame::Connect { payload, .. } => {
+                from(SERVER);
+                assert!(up, "CONNECT before the link is up");
+                if s.has(ext::PEER_ADDR) {
+                    let (_, target) = tunnel::parse_peer(payload).expect("CONNECT address");
+                    assert!(target.is_empty());
                 } else {
-                    f.payload.is_empty()
+                    assert!(payload.is_empty(), "CONNECT payload without PEER_ADDR");
+                }
+            }
+            Frame::Close { .. } => assert!(up, "{}: CLOSE before the link is up", SIDE[x]),
+            Frame::Window { increment, .. } => {
+                assert!(s.has(ext::CREDIT), "{}: WINDOW without CREDIT", SIDE[x]);
+                assert!(increment.is_some(), "{}: malformed WINDOW", SIDE[x]);
+            }
+            Frame::Shutdown { .. } => {
+                assert!(
+                    s.has(ext::HALF_CLOSE),
+                    "{}: SHUTDOWN without HALF_CLOSE",
+                    SIDE[x]
+                );
+            }
+            Frame::Listen(l) => {
+                from(AGENT);
+                link_level();
+                assert!(
+                    !matches!(l, Listen::Malformed),
+                    "agent sent a malformed LISTEN"
+                );
+            }
+            Frame::Hello(h) => {
+                from(SERVER);
+                link_level();
+                let h = h.expect("server sent a malformed HELLO");
+                assert_eq!(h.flags & !ext::ALL, 0, "HELLO grants unknown bits");
+            }
+            Frame::Auth(tag) => {
+                from(AGENT);
+                link_level();
+                assert!(tag.is_some(), "agent sent a malformed AUTH");
+            }
+            Frame::Ready(tag) => {
+                from(SERVER);
+                link_level();
+                assert!(
+                    tag.is_empty() || tag.len() == MAC_LEN,
+                    "READY tag of {} bytes",
+                    tag.len()
+                );
+            }
+            Frame::Reject { text, .. } => {
+                from(SERVER);
+                link_level();
+                assert!(text.len() <= 96, "REJECT text of {} bytes", text.len());
+            }
+            Frame::Ping(p) => {
+                link_level();
+                assert!(p.is_some(), "{}: malformed PING", SIDE[x]);
+                assert!(s.has(ext::HEARTBEAT), "{}: PING without HEARTBEAT", SIDE[x]);
+            }
+            Frame::Pong => link_level(),
+            Frame::Unknown(c) => panic!("{}: sent unknown command {c}", SIDE[x]),
+        }
+    }
+}
+
+/// FRAME's bytes: a whole frame (typed or raw payload).
+fn hostile_frame(inp: &mut Input<'_>) -> Vec<u8> {
+    let c = inp.byte();
+    let command = COMMANDS[usize::from(c & 15)];
+    let id = inp.byte();
+    let mut payload = Vec::new();
+    let typed = c & 0x80 != 0;
+    match (typed, command) {
+        (true, 4 | 16) => {
+            let flags = inp.u16();
+            let window = inp.u32();
+            let nonce = [inp.byte(); NONCE_LEN];
+            let name = name(inp.byte());
+            if command == 4 {
+                let req = ListenRequest {
+                    flags,
+                    window,
+                    nonce,
+                    name: &name,
                 };
-                if !payload_ok {
-                    self.violation("CONNECT carries the client address iff PEER_ADDR", f);
+                if req.encode(&mut payload).is_none() {
+                    payload.clear();
                 }
-                let st = &mut self.ids[usize::from(f.id)];
-                st.connects += 1;
-                st.open = true;
-                st.closed_by_peer = false;
-                st.unacked = false;
-                st.shut_by_peer = false;
-            }
-            Command::Close => {
-                let st = self.ids[usize::from(f.id)];
-                if st.connects == 0 {
-                    self.violation("CLOSE for an id that never had a stream", f);
-                }
-                let st = &mut self.ids[usize::from(f.id)];
-                st.unacked = close_ack && st.open;
-                st.open = false;
-                st.closed_by_peer = true;
-            }
-            Command::Data => {
-                let st = self.ids[usize::from(f.id)];
-                if st.connects == 0 {
-                    self.violation("DATA for an id that never had a stream", f);
-                }
-                if st.closed_by_peer {
-                    self.violation("DATA after the server's own CLOSE", f);
-                }
-                if st.shut_by_peer {
-                    self.violation("DATA after the server's own SHUTDOWN", f);
-                }
-                let st = &mut self.ids[usize::from(f.id)];
-                st.data += f.payload.len() as u64;
-                if exact
-                    && credit
-                    && let Some(w) = window
-                {
-                    let bound = u64::from(w) * u64::from(st.connects) + st.window_sent;
-                    if st.data > bound {
-                        let rule = format!(
-                            "DATA beyond the credit given ({} bytes sent, window {w} x {} streams + {} in WINDOW)",
-                            st.data, st.connects, st.window_sent
-                        );
-                        self.violation(&rule, f);
-                    }
-                }
-            }
-            Command::Shutdown => {
-                let st = self.ids[usize::from(f.id)];
-                if st.connects == 0 || st.closed_by_peer {
-                    self.violation("SHUTDOWN for a stream the server does not have", f);
-                }
-                self.ids[usize::from(f.id)].shut_by_peer = true;
-            }
-            _ => {}
-        }
-    }
-
-    fn from_agent(&mut self, f: &TunnelFrame<'_>, flags: Option<u16>) {
-        let exact = self.exact;
-        match f.command {
-            Command::Connect | Command::Hello | Command::Ready | Command::Reject => {
-                self.violation("the agent never sends this", f)
-            }
-            Command::Close => {
-                let st = &mut self.ids[usize::from(f.id)];
-                st.closes += 1;
-                st.shut_by_peer = false;
-                if exact && st.closes > st.connects {
-                    self.violation("more CLOSEs than CONNECTs for an id", f);
-                }
-            }
-            Command::Data => {
-                let st = self.ids[usize::from(f.id)];
-                if exact && st.connects <= st.closes {
-                    self.violation(
-                        "DATA for an id with no stream (closed, or never CONNECTed)",
-                        f,
-                    );
-                }
-                if st.shut_by_peer {
-                    self.violation("DATA after the agent's own SHUTDOWN", f);
-                }
-                let st = &mut self.ids[usize::from(f.id)];
-                st.data += f.payload.len() as u64;
-                let credit = flags.is_some_and(|fl| fl & ext::CREDIT != 0);
-                if exact
-                    && credit
-                    && let Some(w) = self.peer_window
-                {
-                    let st = self.ids[usize::from(f.id)];
-                    let bound = u64::from(w) * u64::from(st.connects) + st.window_sent;
-                    if st.data > bound {
-                        let rule = format!(
-                            "DATA beyond the credit given ({} bytes sent, window {w} x {} streams + {} in WINDOW)",
-                            st.data, st.connects, st.window_sent
-                        );
-                        self.violation(&rule, f);
-                    }
-                }
-            }
-            Command::Shutdown => self.ids[usize::from(f.id)].shut_by_peer = true,
-            _ => {}
-        }
-    }
-}
-
-// ===== server session: the harness is the agent =====
-
-struct ServerSide<'h> {
-    h: &'h Harness,
-    c: Common,
-    /// A LISTEN went out (the server answers only the first).
-    listened: bool,
-    /// The extension request sent: agent nonce and name.
-    request: Option<([u8; NONCE_LEN], Vec<u8>)>,
-    /// The server's HELLO.
-    hello: Option<Hello>,
-    clients: Vec<TcpStream>,
-}
-
-/// Connect to the server's link port from the next of 65,536 loopback
-/// source addresses (127.1.0.0/16): the server throttles an address whose
-/// handshakes keep failing (as fuzzed ones do), and each session must reach
-/// the handshake code.
-fn connect_link(link: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::sync::atomic::AtomicU32;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let [_, _, hi, lo] = n.to_be_bytes();
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.bind(&SocketAddr::from(([127, 1, hi, lo], 0)).into())?;
-    s.connect_timeout(&link.into(), Duration::from_secs(2))?;
-    Ok(s.into())
-}
-
-fn server_session(h: &Harness, preamble: u8, stream: &[u8]) {
-    let sock = match connect_link(h.link) {
-        Ok(s) => s,
-        Err(e) => {
-            check_engine_alive(h);
-            panic!(
-                "cannot connect to the tunnel server's link port {}: {e}",
-                h.link
-            );
-        }
-    };
-    let mut s = ServerSide {
-        h,
-        c: Common::new(sock, Checker::new(Peer::Server)),
-        listened: false,
-        request: None,
-        hello: None,
-        clients: Vec::new(),
-    };
-    let listen = Command::Listen.to_u8();
-    match preamble {
-        1 => s.frame(listen, 0, &[]),
-        2 => s.frame(listen, 0, &listen_request(ext::ALL & !ext::AUTH, "open")),
-        3 => {
-            s.frame(listen, 0, &listen_request(ext::ALL, "secure"));
-            s.frame(Command::Auth.to_u8(), 0, &[]);
-        }
-        _ => {}
-    }
-    let tail = for_each_frame(stream, |cmd, id, payload| s.frame(cmd, id, payload));
-    s.c.link.write(tail);
-    // Clients first: a client that is not read can hold the link paused.
-    s.clients.clear();
-    let closed = s.c.link.finish();
-    drop(s);
-    let server = &h.server;
-    let settled = wait_until(END_WAIT, || {
-        server.links.load(Ordering::Relaxed) == 0 && server.streams.load(Ordering::Relaxed) == 0
-    });
-    if trace() {
-        eprintln!("  {:>10.3?} settled {settled}", stamp());
-    }
-    if !closed || !settled {
-        check_engine_responsive(h);
-    }
-}
-
-impl ServerSide<'_> {
-    fn frame(&mut self, command: u8, id: u8, payload: &[u8]) {
-        if self.c.action(command, id, payload) {
-            return;
-        }
-        match command {
-            OPEN => self.open(id),
-            SEND => {
-                if let Some(c) = self.client(id) {
-                    let _ = c.write_all(payload);
-                }
-            }
-            SHUT => {
-                if let Some(c) = self.client(id) {
-                    let _ = c.shutdown(Shutdown::Write);
-                }
-            }
-            DROP => {
-                if !self.clients.is_empty() {
-                    let i = usize::from(id) % self.clients.len();
-                    self.clients.remove(i);
-                }
-            }
-            READ => {
-                if let Some(c) = self.client(id) {
-                    let deadline = Instant::now() + Duration::from_millis(1);
-                    let mut buf = [0u8; 16 * 1024];
-                    while readable(c, deadline) && matches!(c.read(&mut buf), Ok(n) if n > 0) {}
-                }
-            }
-            _ => self.send(command, id, payload),
-        }
-    }
-
-    fn client(&mut self, id: u8) -> Option<&mut TcpStream> {
-        let n = self.clients.len();
-        (n > 0).then(|| &mut self.clients[usize::from(id) % n])
-    }
-
-    fn send(&mut self, command: u8, id: u8, payload: &[u8]) {
-        let mut payload = Cow::Borrowed(payload);
-        if command == Command::Auth.to_u8()
-            && payload.is_empty()
-            && let (Some((nonce, name)), Some(hello)) = (&self.request, &self.hello)
-            && hello.flags & ext::AUTH != 0
-        {
-            payload = Cow::Owned(agent_tag(nonce, &hello.nonce, hello.flags, name).to_vec());
-        }
-        self.c.send(command, id, &payload);
-        if command == Command::Listen.to_u8() && !self.listened {
-            self.listened = true;
-            if !payload.is_empty() {
-                self.request = ListenRequest::parse(&payload).map(|r| (r.nonce, r.name.to_vec()));
-                // The server answers a request at once: HELLO, or REJECT and close.
-                let mut hello = None;
-                self.c.owed(|link, wait| {
-                    link.read_until(wait, |f| match f.command {
-                        Command::Hello => {
-                            hello = Hello::parse(f.payload);
-                            true
-                        }
-                        Command::Reject => true,
-                        _ => false,
-                    }) || link.eof
-                });
-                self.hello = hello;
-            }
-        }
-    }
-
-    /// A public client for the service, once the service's port is open;
-    /// waits for its CONNECT so that later frames find the stream.
-    fn open(&mut self, id: u8) {
-        if self.clients.len() >= MAX_CLIENTS || self.c.link.eof {
-            return;
-        }
-        let service = if id & 1 == 0 { "open" } else { "secure" };
-        let mut addr = None;
-        let server = &self.h.server;
-        self.c.owed(|_, wait| {
-            wait_until(wait, || {
-                addr = server.public_addr(service);
-                addr.is_some()
-            })
-        });
-        let Some(addr) = addr else { return };
-        let Ok(c) = connect_client(addr, id & 2 != 0) else {
-            return;
-        };
-        let _ = c.set_nodelay(true);
-        let _ = c.set_write_timeout(Some(WAIT));
-        self.clients.push(c);
-        self.c.owed(|link, wait| {
-            link.read_until(wait, |f| f.command == Command::Connect) || link.eof
-        });
-    }
-}
-
-/// A public client; `slow`: with a small receive buffer.
-fn connect_client(addr: SocketAddr, slow: bool) -> std::io::Result<TcpStream> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    if slow {
-        s.set_recv_buffer_size(SMALL_RCVBUF)?;
-    }
-    s.connect_timeout(&addr.into(), WAIT)?;
-    Ok(s.into())
-}
-
-// ===== agent session: the harness is the server =====
-
-struct AgentSide<'h> {
-    h: &'h Harness,
-    agent: &'h AgentSlot,
-    c: Common,
-    /// The agent's LISTEN request: flags asked for and its nonce.
-    request: Option<(u16, [u8; NONCE_LEN])>,
-    /// The first HELLO sent.
-    hello: Option<Hello>,
-}
-
-/// Accept one connection within `timeout` (the listener is non-blocking).
-fn accept_within(l: &TcpListener, timeout: Duration) -> Option<TcpStream> {
-    let mut got = None;
-    wait_until(timeout, || match l.accept() {
-        Ok((s, _)) => {
-            got = Some(s);
-            true
-        }
-        Err(_) => false,
-    });
-    got
-}
-
-fn agent_session(h: &Harness, which: usize, handshake: bool, stream: &[u8]) {
-    let agent = &h.agents[which];
-    let Some(sock) = accept_within(&agent.listener, AGENT_WAIT) else {
-        check_engine_responsive(h);
-        panic!(
-            "agent '{}' did not dial within {AGENT_WAIT:?} (reconnect_max is 5ms)",
-            agent.name
-        );
-    };
-    if trace() {
-        eprintln!("  {:>10.3?} accepted", stamp());
-    }
-    let mut s = AgentSide {
-        h,
-        agent,
-        c: Common::new(sock, Checker::new(Peer::Agent(Arc::clone(&agent.stats)))),
-        request: None,
-        hello: None,
-    };
-    let mut listen = None;
-    s.c.link.read_until(Duration::from_secs(1), |f| {
-        let hit = f.command == Command::Listen;
-        if hit {
-            listen = Some(f.payload.to_vec());
-        }
-        hit
-    });
-    let Some(listen) = listen else {
-        check_engine_responsive(h);
-        panic!(
-            "agent '{}' connected but sent no LISTEN within 1 s (eof: {})",
-            agent.name, s.c.link.eof
-        );
-    };
-    // docs/PROTOCOL.md §2-3: a base agent sends an empty LISTEN, an extended
-    // one a request for its name with every extension it can use.
-    if agent.extensions {
-        let req = ListenRequest::parse(&listen).unwrap_or_else(|| {
-            panic!(
-                "agent '{}' sent a malformed LISTEN request {listen:02x?}",
-                agent.name
-            )
-        });
-        assert_eq!(req.name, agent.name.as_bytes(), "LISTEN names the service");
-        let want = if agent.token.is_some() {
-            ext::ALL
-        } else {
-            ext::ALL & !ext::AUTH
-        };
-        assert_eq!(req.flags, want, "LISTEN flags of agent '{}'", agent.name);
-        s.request = Some((req.flags, req.nonce));
-    } else {
-        assert!(listen.is_empty(), "a base agent's LISTEN is empty");
-    }
-    // A base agent's next link is up as soon as it has dialled again, so
-    // "this link is gone" is "no link, or a newer one".
-    let links_before = agent.stats.links_total.load(Ordering::Relaxed);
-    if handshake {
-        s.frame(Command::Hello.to_u8(), 0, &[]);
-        s.frame(Command::Ready.to_u8(), 0, &[]);
-    }
-    let tail = for_each_frame(stream, |cmd, id, payload| s.frame(cmd, id, payload));
-    s.c.link.write(tail);
-    let closed = s.c.link.finish();
-    drop(s);
-    let stats = &agent.stats;
-    let settled = wait_until(END_WAIT, || {
-        let gone = stats.links.load(Ordering::Relaxed) == 0
-            || stats.links_total.load(Ordering::Relaxed) > links_before;
-        gone && stats.streams.load(Ordering::Relaxed) == 0
-    });
-    if trace() {
-        eprintln!("  {:>10.3?} settled {settled}", stamp());
-    }
-    if !closed || !settled {
-        check_engine_responsive(h);
-    }
-}
-
-impl AgentSide<'_> {
-    fn frame(&mut self, command: u8, id: u8, payload: &[u8]) {
-        if self.c.action(command, id, payload) {
-            return;
-        }
-        if matches!(command, OPEN | SEND | SHUT | DROP | READ) {
-            return; // server-session actions
-        }
-        let payload = self.fill_in(command, payload);
-        self.c.send(command, id, &payload);
-    }
-
-    /// The harness's substitutions (see the module docs).
-    fn fill_in<'p>(&mut self, command: u8, payload: &'p [u8]) -> Cow<'p, [u8]> {
-        match Command::from_u8(command) {
-            Command::Hello => {
-                let built = match (self.request, payload.len()) {
-                    (Some((asked, _)), 0) => Some(asked),
-                    (Some((asked, _)), 2) => {
-                        Some(asked & u16::from_be_bytes([payload[0], payload[1]]))
-                    }
-                    _ => None,
-                };
-                let hello = match built {
-                    Some(flags) => Some(Hello {
+            } else {
+                payload.extend_from_slice(
+                    &Hello {
                         flags,
-                        window: HARNESS_WINDOW,
-                        nonce: HARNESS_NONCE,
-                    }),
-                    None => Hello::parse(payload),
-                };
-                if self.hello.is_none() {
-                    self.hello = hello;
-                }
-                match built.and(hello) {
-                    Some(h) => Cow::Owned(h.encode().to_vec()),
-                    None => Cow::Borrowed(payload),
-                }
-            }
-            Command::Ready if payload.is_empty() => {
-                match (self.request, self.hello, self.agent.token) {
-                    (Some((_, nonce)), Some(hello), Some(_)) if hello.flags & ext::AUTH != 0 => {
-                        let name = self.agent.name.as_bytes();
-                        Cow::Owned(server_tag(&nonce, &hello.nonce, hello.flags, name).to_vec())
+                        window,
+                        nonce,
                     }
-                    _ => Cow::Borrowed(payload),
-                }
+                    .encode(),
+                );
             }
-            Command::Connect => {
-                let peer = self.hello.is_some_and(|h| h.flags & ext::PEER_ADDR != 0);
-                let target = match tunnel::parse_peer(payload) {
-                    Some((_, target)) if peer => target,
-                    _ => payload,
-                };
-                let addr = match target {
-                    b"@e" => self.h.echo,
-                    b"@d" => self.h.dead,
-                    b"@s" => self.h.link,
-                    _ => return Cow::Borrowed(payload),
-                };
-                let mut out = payload[..payload.len() - target.len()].to_vec();
-                out.extend_from_slice(addr.to_string().as_bytes());
-                Cow::Owned(out)
-            }
-            _ => Cow::Borrowed(payload),
+        }
+        (true, 22) => payload.extend_from_slice(&inp.u32().to_be_bytes()),
+        (true, 20) => payload = inp.bytes(8),
+        (true, 17) => payload = vec![inp.byte(); MAC_LEN],
+        (true, 1) => {
+            let p = inp.byte();
+            let ip = if p & 1 == 0 {
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, p))
+            } else {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            };
+            let (addr, n) = tunnel::encode_peer(SocketAddr::new(ip, u16::from(p)));
+            payload.extend_from_slice(&addr[..n]);
+            let t = usize::from(inp.byte() % 16);
+            payload.extend(inp.bytes(t));
+        }
+        _ => {
+            let n = usize::from(inp.byte());
+            payload = inp.bytes(n);
         }
     }
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let len = u16::try_from(payload.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(command);
+    out.push(id);
+    out.extend_from_slice(&payload);
+    out
 }

@@ -709,10 +709,16 @@ impl<S: Copy + fmt::Display> Session<S> {
                 self.fail(Failure::Rejected { code, text });
             }
             Frame::Connect { .. } | Frame::Data { .. } | Frame::Close { .. } if !hello_seen => {
-                // No HELLO first: a base server (docs/PROTOCOL.md §3).
-                if let Handshake::AwaitHello(hello, _) = &self.handshake
-                    && hello.token.is_some()
-                {
+                // No HELLO first: a base server (docs/PROTOCOL.md §3), if our
+                // LISTEN went out. Before that (`start` not called, or its
+                // request did not encode) the frame answers nothing: out of
+                // place, and it must not bring the link up past the token
+                // check.
+                let Handshake::AwaitHello(hello, _) = &self.handshake else {
+                    bump(&self.stats.malformed_total);
+                    return Incoming::Nothing;
+                };
+                if hello.token.is_some() {
                     self.fail(Failure::BaseServer);
                     return Incoming::Nothing;
                 }
@@ -1300,5 +1306,52 @@ fn open_mut<S>(slots: &mut [Slot<S>], id: u8) -> Option<&mut Stream<S>> {
     match slots.get_mut(usize::from(id)) {
         Some(Slot::Open(s)) => Some(s),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            window: 4096,
+            max_window: 4096,
+            link_window: 4096,
+            max_data: 1024,
+            max_streams: 4,
+            quarantine: None,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// Found by the `tunnel_session` fuzz target: an agent whose LISTEN
+    /// request did not encode (a name over 64 bytes, which the config
+    /// refuses) sent nothing and stayed `NotStarted`, and a CONNECT then
+    /// brought its link up in base mode although a token is configured.
+    #[test]
+    fn agent_without_a_listen_sent_ignores_stream_frames() {
+        let now = Instant::now();
+        let mut s = Session::<u32>::agent(settings(), Arc::default(), now);
+        s.start(
+            AgentHello {
+                extensions: true,
+                token: Some(b"secret-0123456789".to_vec()),
+                name: vec![b'n'; 65],
+                nonce: [0; NONCE_LEN],
+            },
+            now,
+        );
+        assert!(s.transmit().is_empty(), "no request to send");
+        let mut raw = Vec::new();
+        frame::encode(&mut raw, Command::Connect, 0, &[]);
+        let f = Frame::parse(&raw).expect("a whole frame");
+        assert_eq!(s.handle(f, now), Incoming::Nothing);
+        assert!(!s.is_up());
+        assert_eq!(s.poll_link_event(), None);
+        s.handle_timeout(now + Duration::from_secs(10));
+        assert_eq!(s.poll_link_event(), Some(LinkEvent::HandshakeTimeout));
     }
 }
