@@ -825,6 +825,10 @@ fn connection_timers_fire_with_their_connection_and_die_with_it() {
         }
     }
     let a1 = set(&mut p, a, 150, 1).expect("a is open");
+    // More than the engine tracks inline per connection (two): the third
+    // must not reach the role after the close either.
+    set(&mut p, a, 150, 5).expect("a is open");
+    set(&mut p, a, 150, 6).expect("a is open");
     let b2 = set(&mut p, b, 150, 2).expect("b is open");
     let b3 = set(&mut p, b, 100, 3).expect("b is open");
     p.cmd(Cmd::CancelTimer(b3));

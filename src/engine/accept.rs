@@ -180,7 +180,7 @@ impl Core {
             last_progress: self.now,
             reason: CloseReason::PeerClosed,
             told: false,
-            role_timers: Vec::new(),
+            role_timers: [None; 2],
             tag,
         });
         Stats::add(&self.shared.stats.connections, 1);

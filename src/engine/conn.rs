@@ -118,8 +118,11 @@ pub(crate) struct Conn {
     pub(crate) reason: CloseReason,
     /// The role has been told of the close (it may still be draining).
     pub(crate) told: bool,
-    /// Timers the role set for this connection (live ones only).
-    pub(crate) role_timers: Vec<TimerKey>,
+    /// Timers the role set for this connection, for the close to cancel:
+    /// inline, no heap (a role keeps one or two per connection). A further
+    /// one is not tracked; it is dropped when it fires for a closed
+    /// connection, so the role never sees it either way.
+    pub(crate) role_timers: [Option<TimerKey>; 2],
     /// What the connection is to its role ([`crate::Ctx::tag`]).
     pub(crate) tag: u64,
 }
@@ -156,14 +159,27 @@ impl Conn {
             State::Open | State::Closed { .. } => None,
         };
         let own = [self.idle_timer.take(), phase, self.stall_timer.take()];
-        for t in own.into_iter().flatten().chain(self.role_timers.drain(..)) {
+        let role = std::mem::take(&mut self.role_timers);
+        for t in own.into_iter().chain(role).flatten() {
             timers.cancel(t);
+        }
+    }
+
+    /// A role timer of the connection was set: remember it for the close,
+    /// if there is room.
+    pub(crate) fn track_timer(&mut self, key: TimerKey) {
+        if let Some(free) = self.role_timers.iter_mut().find(|t| t.is_none()) {
+            *free = Some(key);
         }
     }
 
     /// A role timer of the connection fired or was cancelled.
     pub(crate) fn forget_timer(&mut self, key: TimerKey) {
-        self.role_timers.retain(|&t| t != key);
+        for t in &mut self.role_timers {
+            if *t == Some(key) {
+                *t = None;
+            }
+        }
     }
 
     /// Whether the role may still use the connection: not closed, and not

@@ -664,7 +664,7 @@ impl Ctx<'_> {
         let t = core
             .timers
             .insert(at, TimerOwner::RoleConn(self.role, conn, purpose));
-        c.role_timers.push(t);
+        c.track_timer(t);
         Some(t)
     }
 
