@@ -6,6 +6,7 @@
 //! the role, and drains the peer's input before the socket is closed.
 
 use log::{debug, info};
+use slab::Slab;
 
 use super::{CloseReason, Conn, ConnKey, Core, READABLE, ShutWrite, State, Stats, TimerOwner};
 
@@ -18,9 +19,7 @@ impl Core {
     }
 
     pub(super) fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(key.index as usize)
-            .filter(|c| c.named_by(key) && c.is_live())
+        live_mut(&mut self.conns, key)
     }
 
     /// The connection `key` names while its socket is open, draining included
@@ -131,4 +130,13 @@ impl Core {
             info!("listener on {} closed", l.local);
         }
     }
+}
+
+/// The connection `key` names while the role may still use it, from the
+/// slab alone: for callers that hold another part of the `Core` (its
+/// timers) at the same time.
+pub(super) fn live_mut(conns: &mut Slab<Conn>, key: ConnKey) -> Option<&mut Conn> {
+    conns
+        .get_mut(key.index as usize)
+        .filter(|c| c.named_by(key) && c.is_live())
 }

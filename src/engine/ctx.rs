@@ -19,6 +19,7 @@ use slab::Slab;
 use super::accept::Setup;
 use super::buffer::QueueFull;
 use super::conn::{Conn, READABLE, ShutWrite, State};
+use super::control::live_mut;
 use super::handle::Handle;
 use super::handle::Stats;
 use super::timer::TimerKey;
@@ -404,11 +405,7 @@ impl Ctx<'_> {
     pub fn set_stall_timeout(&mut self, key: ConnKey, timeout: Option<Duration>) {
         let core = &mut *self.core;
         let now = core.now;
-        let Some(c) = core
-            .conns
-            .get_mut(key.index as usize)
-            .filter(|c| c.named_by(key) && c.is_live())
-        else {
+        let Some(c) = live_mut(&mut core.conns, key) else {
             return;
         };
         if let Some(t) = c.stall_timer.take() {
@@ -550,12 +547,9 @@ impl Ctx<'_> {
     pub fn set_idle_timeout(&mut self, key: ConnKey, timeout: Option<Duration>) {
         let core = &mut *self.core;
         let now = core.now;
-        let Some(c) = core.conns.get_mut(key.index as usize) else {
+        let Some(c) = live_mut(&mut core.conns, key) else {
             return;
         };
-        if !c.named_by(key) || !c.is_live() {
-            return;
-        }
         if let Some(t) = c.idle_timer.take() {
             core.timers.cancel(t);
         }
@@ -657,10 +651,7 @@ impl Ctx<'_> {
     /// gone already.
     pub fn set_conn_timer(&mut self, conn: ConnKey, at: Instant, purpose: u64) -> Option<TimerKey> {
         let core = &mut *self.core;
-        let c = core.conns.get_mut(conn.index as usize)?;
-        if !c.named_by(conn) || !c.is_live() {
-            return None;
-        }
+        let c = live_mut(&mut core.conns, conn)?;
         let t = core
             .timers
             .insert(at, TimerOwner::RoleConn(self.role, conn, purpose));

@@ -125,18 +125,7 @@ impl<X> Links<X> {
         let mut alive = true;
         let out = link.session.transmit();
         if !out.is_empty() {
-            match ctx.send(link.conn, out) {
-                Ok(()) => {}
-                Err(SendError::Full) => {
-                    warn!(
-                        "{}: link send queue full (the peer is not reading); closing the link",
-                        link.conn
-                    );
-                    ctx.abort(link.conn);
-                    alive = false;
-                }
-                Err(SendError::Closed) => alive = false,
-            }
+            alive = send_on_link(ctx, link.conn, &[out]);
             link.session.transmitted();
         }
         while let Some(event) = link.session.poll_event() {
@@ -205,9 +194,8 @@ impl<X> Links<X> {
         let Some(link) = self.links.get_mut(li) else {
             return Incoming::Nothing;
         };
-        let incoming = link.session.handle(frame, now);
-        self.drive(ctx, li);
-        match incoming {
+        match link.session.handle(frame, now) {
+            // DATA leaves nothing for the link: `deliver` drives once, after.
             Incoming::Deliver {
                 stream,
                 id,
@@ -216,7 +204,10 @@ impl<X> Links<X> {
                 self.deliver(ctx, li, stream, id, payload);
                 Incoming::Nothing
             }
-            other => other,
+            other => {
+                self.drive(ctx, li);
+                other
+            }
         }
     }
 
@@ -306,17 +297,8 @@ impl<X> Links<X> {
         let Some(head) = tunnel::header(Command::Data, id, data.len()) else {
             return;
         };
-        match ctx.send_parts(link.conn, &[&head, data]) {
-            Ok(()) => {}
-            Err(SendError::Full) => {
-                warn!(
-                    "{}: link send queue full (the peer is not reading); closing the link",
-                    link.conn
-                );
-                ctx.abort(link.conn);
-                return;
-            }
-            Err(SendError::Closed) => return,
+        if !send_on_link(ctx, link.conn, &[&head, data]) {
+            return;
         }
         let link_queued = ctx.queued(link.conn).unwrap_or(0);
         let Some(after) = link.session.data_sent(id, data.len(), link_queued) else {
@@ -399,6 +381,21 @@ impl<X> Links<X> {
         link.timer = None;
         link.session.handle_timeout(now);
         self.drive(ctx, li);
+    }
+}
+
+/// Queue `parts` on a link, all or nothing. A link whose queue is full has
+/// a peer that stopped reading: it is aborted. Returns whether the link
+/// took them.
+fn send_on_link(ctx: &mut Ctx<'_>, link: ConnKey, parts: &[&[u8]]) -> bool {
+    match ctx.send_parts(link, parts) {
+        Ok(()) => true,
+        Err(SendError::Full) => {
+            warn!("{link}: link send queue full (the peer is not reading); closing the link");
+            ctx.abort(link);
+            false
+        }
+        Err(SendError::Closed) => false,
     }
 }
 
